@@ -1,0 +1,85 @@
+"""argv -> config -> stage function; nothing else.
+
+`lmforge STAGE [CONFIG.yaml] [a.b=c ...]`. Exit 0 on success, 2 on a user error (one line on
+stderr), 1 on a bug or a failed run, 130/143 on SIGINT/SIGTERM after a clean checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lmforge.errors import Interrupted, TrainingError, UserError
+from lmforge.stages import STAGES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmforge", description="lmforge: train, align, compress and serve language models, measuring every step.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in STAGES:
+        s = sub.add_parser(name, help=f"run the {name} stage")
+        s.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.path=value")
+    r = sub.add_parser("run", help="run a pipeline of stages")
+    r.add_argument("pipeline", type=Path)
+    r.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo this stage even if it finished (repeatable; 'all' for every stage)")
+    g = sub.add_parser("generate", help="sample text from an HF model directory")
+    g.add_argument("model", help="an HF directory (e.g. runs/demo/pretrain/final) or hub id")
+    g.add_argument("--prompt", action="append", default=[], help="repeatable; default: ''")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _split_args(args: list[str]) -> tuple[Path | None, list[str]]:
+    if args and "=" not in args[0]:
+        return Path(args[0]), args[1:]
+    return None, args
+
+
+def _dispatch(ns: argparse.Namespace) -> int:
+    if ns.command == "run":
+        from lmforge.pipeline import run_pipeline
+
+        run_pipeline(ns.pipeline, force=ns.force)
+        return 0
+    if ns.command == "generate":
+        from lmforge.generate import generate_cli
+
+        generate_cli(ns)
+        return 0
+    from lmforge.config import load_config
+    from lmforge.stages import run_stage
+
+    path, overrides = _split_args(ns.args)
+    cfg = load_config(STAGES[ns.command], path, overrides)
+    summary = run_stage(ns.command, cfg)
+    print(f"{ns.command}: done in {summary['wall_time_s']:.1f}s -> {cfg.run.dir}")  # type: ignore[attr-defined]
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        return _dispatch(ns)
+    except UserError as e:
+        print(f"lmforge {ns.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except TrainingError as e:
+        print(f"lmforge {ns.command}: failed: {e}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
+        print(f"lmforge {ns.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"lmforge {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Typed configs: shared parts composed into one model per stage, loaded from YAML + `a.b=c`.
+
+Every error names the key path (and the YAML line when it came from a file): a typo in a
+config must cost the user one glance, not a run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lmforge.errors import UserError
+
+
+class Cfg(BaseModel):
+    """Base of every config: unknown keys are errors, and nothing mutates after validation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+class RunCfg(Cfg):
+    dir: Path = Path("runs/default")  # the stage writes config.yaml, metrics, final/ here
+
+
+class ModelCfg(Cfg):
+    path: str | None = None  # a local HF directory or a hub id; wins over `preset`
+    preset: Literal["tiny", "small", "gpt2-124m"] | None = "tiny"  # build from scratch
+    arch: Literal["llama", "gpt2"] = "llama"  # family used by `preset` (gpt2-124m is gpt2)
+    max_position_embeddings: int = Field(1024, ge=16)
+    tie_embeddings: bool = True
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False  # off unless the user turns it on (DESIGN rule 5)
+
+
+class DataCfg(Cfg):
+    corpus: Path | None = None  # a corpus stage dir (train.jsonl + val.jsonl)
+    tokenizer: Path | None = None  # a tokenizer dir (AutoTokenizer loads it) or stage dir
+    seq_len: int = Field(256, ge=8)
+
+
+class OptimCfg(Cfg):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)  # applied to matrices only (not norms, biases)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine/linear decay to lr * this
+
+
+class TrainCfg(Cfg):
+    max_steps: int = Field(100, ge=1)
+    seed: int = 0
+    resume: str = "auto"  # auto | never | a checkpoint path
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    clip_grad: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
+    eval_batches: int = Field(8, ge=1)
+    patience: int = Field(0, ge=0)  # evals without improvement before stopping; 0: never
+    final: Literal["best", "last"] = "best"  # which weights final/ holds when evals ran
+    save_every: int = Field(0, ge=0)  # 0: checkpoint only at the end (and on a signal)
+    keep_last: int = Field(2, ge=1)
+    max_nonfinite: int = Field(5, ge=1)  # this many non-finite losses in a row abort
+    time_limit_s: float | None = Field(None, gt=0)  # stop cleanly (with a checkpoint) after
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch's default
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, v: str) -> str:
+        if v not in ("auto", "never") and not Path(v).exists():
+            raise ValueError(f"checkpoint path {v!r} does not exist (or use auto | never)")
+        return v
+
+
+class LogCfg(Cfg):
+    every: int = Field(10, ge=1)
+    progress: Literal["auto", "rich", "plain", "off"] = "auto"  # auto: rich on a TTY
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class SourceCfg(Cfg):
+    path: Path  # a file or a directory
+    glob: str = "**/*"  # inside a directory
+    text_field: str = "text"  # for .jsonl
+    exclude_dirs: list[str] = []  # directory names skipped anywhere below `path`
+
+
+class CorpusCfg(Cfg):
+    run: RunCfg = RunCfg()
+    # empty: the running interpreter's standard library (no site-packages, no tests)
+    sources: list[SourceCfg] = []
+    extensions: list[str] = [".txt", ".md", ".py", ".jsonl"]
+    normalize: Literal["NFC", "NFKC", "none"] = "NFC"
+    min_chars: int = Field(200, ge=0)
+    max_chars: int = Field(200_000, ge=1)
+    near_dedup: bool = True
+    jaccard_threshold: float = Field(0.8, gt=0, le=1)
+    num_perm: int = Field(128, ge=16)
+    shingle_words: int = Field(5, ge=1)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    seed: int = 0  # salts the MinHash permutations and the split hash
+
+
+class TokenizerCfg(Cfg):
+    run: RunCfg = RunCfg()
+    corpus: Path | None = None  # corpus stage dir
+    vocab_size: int = Field(8192, ge=300, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+    bos_token: str = "<|bos|>"
+    eos_token: str = "<|endoftext|>"
+    pad_token: str = "<|pad|>"
+    # chat role markers used by later stages' templates
+    extra_special_tokens: list[str] = [
+        "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+    ]
+    max_train_bytes: int | None = Field(None, ge=1)  # cap on text the trainer sees
+
+
+class PretrainCfg(Cfg):
+    run: RunCfg = RunCfg()
+    model: ModelCfg = ModelCfg()
+    data: DataCfg = DataCfg()
+    optim: OptimCfg = OptimCfg()
+    train: TrainCfg = TrainCfg()
+    log: LogCfg = LogCfg()
+
+
+class ReportCfg(Cfg):
+    prompts: list[str] = ["def ", "import ", "class "]
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.8, ge=0)
+    top_k: int | None = 50
+
+
+class PipelineStageCfg(Cfg):
+    name: str
+    stage: str  # a stage name: corpus | tokenizer | pretrain | ...
+    config: Path | None = None  # a base YAML for the stage (values below override it)
+    uses: dict[str, str] = {}  # stage-config field -> name of an earlier stage (its dir)
+    set: dict[str, Any] = {}  # dotted overrides: {"train.max_steps": 100}
+
+
+class PipelineCfg(Cfg):
+    name: str = "demo"
+    dir: Path | None = None  # default runs/<name>
+    stages: list[PipelineStageCfg]
+    report: ReportCfg = ReportCfg()
+
+
+C = TypeVar("C", bound=Cfg)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], value), the value parsed as YAML so `3`, `1.5`, `true` are typed."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise UserError(f"override {item!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the string and let the schema judge it
+    return key.split("."), value
+
+
+def set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if not isinstance(child, dict):
+            child = {}
+            node[k] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = (*path, str(k.value))
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[(*path, str(i))] = v.start_mark.line + 1
+                walk(v, (*path, str(i)))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys at the top level")
+    return data, _key_lines(text)
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys of the sub-model that `loc` (minus its last part) points into."""
+    model: Any = cls
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", None) or ()
+        candidates = [ann, *args]
+        model = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def format_validation_error(
+    cls: type[BaseModel],
+    err: ValidationError,
+    source: str,
+    lines: dict[tuple[str, ...], int],
+    overridden: set[tuple[str, ...]],
+) -> str:
+    """One line for the first error: where it is, what is wrong, what would be right."""
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    path = ".".join(str(p) for p in loc)
+    key = tuple(str(p) for p in loc)
+    if key in overridden:
+        where = f"override {path}"
+    elif key in lines:
+        where = f"{source}:{lines[key]}"
+    else:
+        where = source
+    if e["type"] == "extra_forbidden":
+        valid = _fields_at(cls, loc)
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" (did you mean {'.'.join(str(p) for p in (*loc[:-1], close[0]))!r}?)" if close else ""
+        return f"{where}: unknown key {path!r}{hint}"
+    if e["type"] == "missing":
+        return f"{where}: missing required key {path!r}"
+    got = json.dumps(e.get("input"), default=str)
+    if len(got) > 60:
+        got = got[:57] + "..."
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{where}: {path} = {got}: {msg}"
+
+
+def load_config(
+    cls: type[C],
+    path: Path | str | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> C:
+    """Build a validated `cls` from an optional YAML file, then `a.b=c` overrides on top."""
+    data: dict[str, Any] = dict(base or {})
+    lines: dict[tuple[str, ...], int] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        file_data, lines = read_yaml(path)
+        data = _deep_merge(data, file_data)
+        source = str(path)
+    overridden: set[tuple[str, ...]] = set()
+    for item in overrides:
+        keys, value = parse_override(item)
+        set_dotted(data, keys, value)
+        overridden.add(tuple(keys))
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(cls, err, source, lines, overridden)) from None
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def dump_config(cfg: Cfg, path: Path) -> None:
+    """Write the resolved config (every default spelled out) next to the stage's outputs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    path.write_text(text, encoding="utf-8")
