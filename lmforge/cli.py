@@ -22,8 +22,10 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.path=value")
     r = sub.add_parser("run", help="run a pipeline of stages")
     r.add_argument("pipeline", type=Path)
+    r.add_argument("overrides", nargs="*", metavar="[STAGE.]key.path=value")
     r.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="redo this stage even if it finished (repeatable; 'all' for every stage)")
+                   help="redo this stage (and the stages that consume it) even if it finished; "
+                        "repeatable; 'all' redoes every stage")
     g = sub.add_parser("generate", help="sample text from an HF model directory")
     g.add_argument("model", help="an HF directory (e.g. runs/demo/pretrain/final) or hub id")
     g.add_argument("--prompt", action="append", default=[], help="repeatable; default: ''")
@@ -46,7 +48,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
     if ns.command == "run":
         from lmforge.pipeline import run_pipeline
 
-        run_pipeline(ns.pipeline, force=ns.force)
+        run_pipeline(ns.pipeline, force=ns.force, overrides=ns.overrides)
         return 0
     if ns.command == "generate":
         from lmforge.generate import generate_cli

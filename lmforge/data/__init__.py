@@ -1,0 +1,1 @@
+"""Data: sources, cleaning, dedup, packing, and the datasets later stages train on."""

@@ -1,0 +1,82 @@
+"""Sampling from any HF directory: temperature, top-k, top-p, max new tokens, stop strings."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmforge.errors import UserError
+
+
+@dataclass(frozen=True)
+class SampleCfg:
+    max_new_tokens: int = 128
+    temperature: float = 0.8  # 0: greedy
+    top_k: int | None = 50
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """The text before the earliest stop string (generation may overshoot by a token)."""
+    cut = min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
+
+
+@torch.no_grad()
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+             cfg: SampleCfg) -> list[str]:
+    """Continue each prompt; returns only the new text. The prompt starts after an
+    end-of-text token, as every document did in pretraining (GPT-2's convention too)."""
+    cfg.check()
+    device = next(model.parameters()).device
+    start = tokenizer.eos_token_id
+    outs = []
+    gen = torch.Generator(device=device)
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if start is not None:
+            ids = [start, *ids]
+        x = torch.tensor([ids], device=device)
+        torch.manual_seed(cfg.seed + i)  # HF sampling draws from the global generator
+        gen.manual_seed(cfg.seed + i)
+        sample = cfg.temperature > 0
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=cfg.max_new_tokens,
+            do_sample=sample, temperature=cfg.temperature if sample else None,
+            top_k=cfg.top_k if sample else None, top_p=cfg.top_p if sample else None,
+            stop_strings=list(cfg.stop) or None, tokenizer=tokenizer if cfg.stop else None,
+            pad_token_id=tokenizer.pad_token_id or start,
+        )
+        text = tokenizer.decode(out[0, x.size(1):], skip_special_tokens=True)
+        outs.append(cut_at_stop(text, cfg.stop))
+    return outs
+
+
+def generate_cli(ns: argparse.Namespace) -> None:
+    from lmforge.models import load_model
+    from lmforge.tokenizer import load_tokenizer
+
+    cfg = SampleCfg(ns.max_new_tokens, ns.temperature, ns.top_k or None, ns.top_p,
+                    tuple(ns.stop), ns.seed)
+    cfg.check()
+    model = load_model(ns.model)
+    model.eval()
+    tokenizer = load_tokenizer(ns.model)
+    for prompt, text in zip(ns.prompt or [""], generate(model, tokenizer, ns.prompt or [""], cfg)):
+        print(prompt + text)
+        print("-" * 40)

@@ -1,0 +1,117 @@
+"""Byte-level BPE tokenizers: train with `tokenizers`, save a directory `AutoTokenizer` loads.
+
+Chat templates and `render -> (ids, loss_mask)` join this module with supervised fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from lmforge.errors import UserError
+
+# transformers 5 writes its own class name, which 4.x cannot resolve; this one both know.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: list[str],
+    min_frequency: int = 2,
+) -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 style: every byte is a token, so nothing is ever unknown)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    got = tok.get_vocab_size()
+    if got < vocab_size:
+        raise UserError(
+            f"vocab_size={vocab_size} cannot be filled: the corpus yields only {got} tokens "
+            f"at min_frequency={min_frequency}; lower tokenizer.vocab_size or add text"
+        )
+    return tok
+
+
+def save_tokenizer(
+    tok: Tokenizer,
+    out: Path,
+    *,
+    bos_token: str,
+    eos_token: str,
+    pad_token: str,
+    extra_special_tokens: list[str],
+    model_max_length: int = 1024,
+) -> PreTrainedTokenizerFast:
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        additional_special_tokens=extra_special_tokens,
+        model_max_length=model_max_length,
+    )
+    fast.save_pretrained(out)
+    make_portable(out)
+    return fast
+
+
+def make_portable(tok_dir: Path) -> None:
+    """Name a tokenizer class that transformers 4.x and 5.x (and vLLM, lm-eval) both resolve."""
+    cfg_path = tok_dir / "tokenizer_config.json"
+    if not cfg_path.exists():
+        return
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
+        cfg["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def resolve_tokenizer_dir(path: Path) -> Path:
+    """Accept a tokenizer dir or a tokenizer stage dir (whose `final/` holds it)."""
+    for cand in (path, path / "final"):
+        if (cand / "tokenizer.json").exists() or (cand / "tokenizer_config.json").exists():
+            return cand
+    raise UserError(f"no tokenizer found at {path} (expected tokenizer.json there or in final/)")
+
+
+def load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    p = Path(path)
+    target = str(resolve_tokenizer_dir(p)) if p.exists() else str(path)
+    try:
+        return AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load tokenizer {target!r}: {str(e).splitlines()[0]}") from None
+
+
+def bytes_per_token(tok: Tokenizer, texts: Iterable[str], batch: int = 256) -> tuple[float, int, int]:
+    """UTF-8 bytes per token over `texts`: (ratio, bytes, tokens). Compression is the
+    tokenizer's one number that transfers across vocab sizes."""
+    n_bytes = n_tokens = 0
+    for chunk in _batched(texts, batch):
+        n_bytes += sum(len(t.encode("utf-8")) for t in chunk)
+        n_tokens += sum(len(e.ids) for e in tok.encode_batch(chunk, add_special_tokens=False))
+    return (n_bytes / max(n_tokens, 1), n_bytes, n_tokens)
+
+
+def _batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
+    buf: list[str] = []
+    for t in texts:
+        buf.append(t)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf

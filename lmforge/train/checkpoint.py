@@ -1,0 +1,123 @@
+"""Atomic, exactly resumable checkpoints: an HF directory plus `trainer_state.pt`.
+
+A checkpoint is written into `.tmp-step-N/`, gets a `COMPLETE` mark, and only then is renamed
+to `step-N/`. Resume takes the newest `step-N/` that has the mark, so a run killed mid-write
+falls back to the previous checkpoint instead of loading half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from transformers import PreTrainedModel
+
+from lmforge.errors import UserError
+
+COMPLETE = "COMPLETE"
+STATE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # numpy's state holds an ndarray, which weights_only loading refuses: store a tensor
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: Path, step: int, model: PreTrainedModel, trainer_state: dict[str, Any], keep_last: int,
+) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    torch.save(trainer_state, tmp / STATE)
+    (tmp / COMPLETE).write_text(f"{step}\n")
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(root, keep_last)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush the files before the rename that publishes them (a crash must not publish zeros)."""
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir() and (d / COMPLETE).exists() and (d / STATE).exists():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for _, d in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(d, ignore_errors=True)
+    for d in root.glob(".tmp-step-*"):  # leftovers of runs killed mid-write
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def load_weights(model: PreTrainedModel, ckpt: Path) -> None:
+    """Load safetensors shards into `model` in place (the optimizer keeps its param refs).
+    Tied weights are saved once, so only keys of tied parameters may be missing."""
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"checkpoint {ckpt} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    ids = {id(p) for k, p in params.items() if k in state}
+    untied = [k for k in missing if k in params and id(params[k]) not in ids]
+    if unexpected or untied:
+        raise UserError(f"checkpoint {ckpt} does not match the model: missing {untied[:3]}, "
+                        f"unexpected {list(unexpected)[:3]}")
+
+
+def load_checkpoint(ckpt: Path, model: PreTrainedModel) -> dict[str, Any]:
+    """Restore weights into `model`; return the trainer state (optimizer, scaler, RNG, step)."""
+    if not (ckpt / COMPLETE).exists() or not (ckpt / STATE).exists():
+        raise UserError(f"not a complete checkpoint: {ckpt} (no {COMPLETE} mark or {STATE})")
+    load_weights(model, ckpt)
+    return torch.load(ckpt / STATE, weights_only=True)  # type: ignore[no-any-return]
