@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lmforge.config import DataCfg, LogCfg, ModelCfg, OptimCfg, PretrainCfg, TrainCfg
+from lmforge.config import DataCfg, LogCfg, ModelCfg, PretrainCfg, TrainCfg
 from lmforge.data.pack import TokenWindows
 from lmforge.models import PRESETS, count_params, flops_per_token, preset_config
 from lmforge.stages.pretrain import lm_task
@@ -102,7 +102,7 @@ def peer_step(model: PreTrainedModel, batch: torch.Tensor, precision: str,
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         loss.backward()
         opt.step()
-        float(loss)  # the loop reads the loss every step too
+        float(loss.detach())  # the loop reads the loss every step too
 
     return step
 
@@ -154,38 +154,36 @@ def measure(s: Setup, args: argparse.Namespace, tmp: Path) -> tuple[Timing, PreT
 def table_rows(s: Setup, t: Timing, model: PreTrainedModel) -> list[list[str]]:
     tokens = s.micro_batch_size * s.seq_len
     fpt = flops_per_token(model, s.seq_len)
-    square, gemm = statistics.median(t.mm_square), statistics.median(t.mm_gemm)
-    loop_tps = tokens / statistics.median(t.loop_s)
-    peer_tps = tokens / statistics.median(t.peer_s)
+    # best-of-N on both sides: another process on a 2-core box stretches a step (and an
+    # OpenMP region waits for its slowest thread), so the least-disturbed sample is the signal
+    square, gemm = max(t.mm_square), max(t.mm_gemm)
+    loop_tps, peer_tps = tokens / min(t.loop_s), tokens / min(t.peer_s)
     target = TARGETS.get((s.preset, s.precision))
     out = []
     for impl, times, tps in (("lmforge", t.loop_s, loop_tps), ("peer", t.peer_s, peer_tps)):
         achieved = fpt * tps / 1e9
-        med = statistics.median(times)
+        best, med = min(times), statistics.median(times)
         verdict = ""
         if target is not None and impl == "lmforge":
             ok = achieved / square >= target
             verdict = f">={target:.0%} {'PASS' if ok else 'FAIL'}"
         out.append([
             s.preset, s.precision, impl, f"{count_params(model)[1] / 1e6:.1f}M",
-            f"{med * 1e3:.0f}", f"{(max(times) - min(times)) / med:.0%}", f"{tps:,.0f}",
+            f"{best * 1e3:.0f}", f"{med * 1e3:.0f}", f"{tps:,.0f}",
             f"{achieved:.1f}", f"{square:.0f}", f"{achieved / square:.0%}", f"{gemm:.0f}",
             f"{achieved / gemm:.0%}", f"{tps / peer_tps:.2f}", verdict,
         ])
     return out
 
 
-HEADER = ["preset", "prec", "impl", "params", "step ms", "spread", "tok/s", "GFLOP/s",
+HEADER = ["preset", "prec", "impl", "params", "best ms", "median ms", "tok/s", "GFLOP/s",
           "mm GF/s", "% mm", "gemm GF/s", "% gemm", "vs peer", "target (% mm)"]
 
 
 def print_table(rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    print(line(HEADER))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print(line(r))
+    for r in [HEADER, ["-" * w for w in widths], *rows]:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -215,6 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
     rows: list[list[str]] = []
     t_start = time.perf_counter()
     for preset in args.presets.split(","):
@@ -225,12 +224,12 @@ def main(argv: list[str] | None = None) -> None:
             rows.extend(table_rows(s, timing, model))
     print(f"pretrain throughput: llama, vocab {VOCAB}, seq_len {args.seq_len}, micro-batch "
           f"{args.micro_batch_size}, attn {args.attn}, {args.threads} threads, torch "
-          f"{torch.__version__}; {args.warmup} warmup + {args.steps} timed steps (median)")
+          f"{torch.__version__}; {args.warmup} warmup + {args.steps} timed steps")
     print_table(rows)
-    print(f"mm = {args.matmul_size}^3 matmul; gemm = the MLP GEMM (B*T, d) x (d, d_ff); both "
-          "same dtype, sampled between the timed steps. GFLOP/s = flops_per_token x tok/s. "
-          "spread = (max - min) / median step time. vs peer = tok/s over the plain PyTorch "
-          f"step's. Total {time.perf_counter() - t_start:.0f}s.")
+    print(f"tok/s and GFLOP/s (flops_per_token x tok/s) from the best step; mm = best "
+          f"{args.matmul_size}^3 matmul, gemm = best MLP GEMM (B*T, d) x (d, d_ff), same dtype, "
+          "sampled between the timed steps; vs peer = tok/s over the plain PyTorch step's. "
+          f"Load average at start {load:.2f}; total {time.perf_counter() - t_start:.0f}s.")
 
 
 if __name__ == "__main__":

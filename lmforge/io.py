@@ -41,6 +41,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row, default=float) + "\n")
 

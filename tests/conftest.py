@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny models from configs and a tiny pipeline run, all hermetic."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lmforge.config import LogCfg, OptimCfg, TrainCfg
+from lmforge.data.pack import TokenWindows
+from lmforge.losses.lm import causal_lm_loss
+from lmforge.train.loop import Task
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 64
+SEQ = 16
+
+
+def micro_llama(seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
+    conf = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                       tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(conf)
+
+
+@pytest.fixture
+def windows(tmp_path: Path) -> TokenWindows:
+    """A packed split of random ids (structure is irrelevant to the loop's invariances)."""
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=5000).astype(np.uint16)
+    path = tmp_path / "train.bin"
+    ids.tofile(path)
+    return TokenWindows(path, "uint16", SEQ)
+
+
+def lm_task(model: torch.nn.Module, windows: TokenWindows, micro: int, accum: int,
+            seed: int = 0, on_step=None) -> Task:
+    """The pretraining task shape, on a TokenWindows: `on_step(n)` runs before step n's batches."""
+
+    def step(b: torch.Tensor):
+        return causal_lm_loss(model(input_ids=b[:, :-1]).logits, b[:, 1:])[0], {}
+
+    def batches(n: int):
+        if on_step is not None:
+            on_step(n)
+        return list(windows.batch(seed, n, micro * accum).split(micro))
+
+    ntok = lambda b: b.size(0) * (b.size(1) - 1)  # noqa: E731
+    return Task(step=step, batches=batches, weight=ntok, tokens=ntok)
+
+
+def train_cfg(**kw) -> TrainCfg:
+    base = dict(max_steps=6, micro_batch_size=8, grad_accum=1, precision="fp32", clip_grad=1.0,
+                keep_last=3)
+    return TrainCfg(**{**base, **kw})
+
+
+OPTIM = OptimCfg(lr=1e-2, warmup_steps=2)
+QUIET = LogCfg(every=1, progress="off")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True,
+                          text=True, cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/tiny.yaml run once per session: corpus -> tokenizer -> pretrain + report."""
+    work = tmp_path_factory.mktemp("tiny")
+    shutil.copytree(ROOT / "configs", work / "configs")
+    r = run_cli("run", "configs/tiny.yaml", cwd=work)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return work / "runs" / "tiny"

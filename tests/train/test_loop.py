@@ -1,0 +1,200 @@
+"""The loop's invariances: accumulation, exact resume, atomic checkpoints, loss scaling, guards."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import OptimCfg
+from lmforge.errors import Interrupted, TrainingError, UserError
+from lmforge.io import read_jsonl
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.loop import Task, Trainer
+from lmforge.train.precision import make_precision
+from lmforge.train.schedules import lr_at
+from tests.conftest import OPTIM, QUIET, lm_task, micro_llama, train_cfg
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path: Path, windows) -> None:
+    """Micro-batch 1 x 8 accumulation steps == micro-batch 8 x 1: gradients, losses and the
+    updated weights. (Adam divides by sqrt(v): at a large lr a 1e-9 rounding difference on a
+    near-zero gradient coordinate becomes an lr-sized step, so weights are compared at 1e-3.)"""
+    grads, results = [], []
+    for micro, accum in ((8, 1), (1, 8)):
+        model = micro_llama()
+        cfg = train_cfg(max_steps=3, micro_batch_size=micro, grad_accum=accum)
+        tr = Trainer(cfg, OptimCfg(lr=1e-3), QUIET, tmp_path / f"m{micro}", model,
+                     lm_task(model, windows, micro, accum))
+        tr._micro_steps(tr.task.batches(0))
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.run()
+        rows = [r for r in read_jsonl(tmp_path / f"m{micro}" / "metrics.jsonl") if "loss" in r]
+        results.append(([r["loss"] for r in rows], _weights(model)))
+    assert _max_diff(*grads) < 1e-6
+    (loss_a, w_a), (loss_b, w_b) = results
+    assert len(loss_a) == 3
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    assert _max_diff(w_a, w_b) < 1e-5
+
+
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path: Path, windows) -> None:
+    """SIGTERM at step k -> checkpoint + exit 143; resuming gives the same metrics after k and
+    the same final weights as a run that was never interrupted (fp32 CPU, 1e-6)."""
+    cfg = train_cfg(max_steps=8, micro_batch_size=4, grad_accum=2)
+    ref_model = micro_llama()
+    Trainer(cfg, OPTIM, QUIET, tmp_path / "ref", ref_model, lm_task(ref_model, windows, 4, 2)).run()
+
+    k = 3
+
+    def kill_at(n: int) -> None:  # step n's batches are fetched at the start of step n+1
+        if n == k - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    model = micro_llama()
+    run = tmp_path / "cut"
+    with pytest.raises(Interrupted) as exc:
+        Trainer(cfg, OPTIM, QUIET, run, model, lm_task(model, windows, 4, 2, on_step=kill_at)).run()
+    assert exc.value.exit_code == 143
+    assert ckpt.latest_checkpoint(run / "checkpoints").name == f"step-{k}"
+
+    fresh = micro_llama(seed=123)  # different init: everything must come from the checkpoint
+    Trainer(cfg, OPTIM, QUIET, run, fresh, lm_task(fresh, windows, 4, 2)).run()
+    keys = ("step", "loss", "lr", "grad_norm")
+    ref_rows = [[r[x] for x in keys] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl") if "loss" in r]
+    got_rows = [[r[x] for x in keys] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert [r[0] for r in got_rows] == list(range(1, 9))
+    for a, b in zip(ref_rows[k:], got_rows[k:], strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+    assert _max_diff(_weights(ref_model), _weights(fresh)) < 1e-6
+
+
+def test_checkpoint_interrupted_mid_write_is_never_picked(tmp_path: Path, windows, monkeypatch) -> None:
+    cfg = train_cfg(max_steps=2, save_every=2)
+    model = micro_llama()
+    tr = Trainer(cfg, OPTIM, QUIET, tmp_path, model, lm_task(model, windows, 8, 1))
+    tr.run()
+    root = tmp_path / "checkpoints"
+    assert ckpt.latest_checkpoint(root).name == "step-2"
+
+    # a crash while writing step 4's trainer state: the temp dir stays, nothing is published
+    tr.state.step = 4
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        tr.save()
+    monkeypatch.undo()
+    assert (root / ".tmp-step-4").exists() and not (root / "step-4").exists()
+    # a step dir without the COMPLETE mark (e.g. copied by hand, or a foreign tool) is ignored
+    (root / "step-6").mkdir()
+    (root / "step-6" / "model.safetensors").write_bytes(b"\0" * 10)
+    assert ckpt.latest_checkpoint(root).name == "step-2"
+
+    model2 = micro_llama(seed=5)
+    tr2 = Trainer(train_cfg(max_steps=3), OPTIM, QUIET, tmp_path, model2, lm_task(model2, windows, 8, 1))
+    assert tr2.resume() == root / "step-2"
+    assert tr2.state.step == 2
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        ckpt.load_checkpoint(root / "step-6", model2)
+
+
+def _linear_task(p: torch.nn.Linear, inject: dict) -> Task:
+    def step(b: torch.Tensor):
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = p(b)
+        return (y.float() ** 2).mean(), {}
+
+    def hook(g: torch.Tensor) -> torch.Tensor:
+        return g * float("inf") if inject["on"] else g  # what an fp16 overflow looks like
+
+    p.weight.register_hook(hook)
+    return Task(step=step, batches=lambda n: [torch.ones(2, 4)])
+
+
+def test_fp16_loss_scale_grows_then_halves_and_skips_on_overflow(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    inject = {"on": False}
+    cfg = train_cfg(max_steps=10, precision="fp16", clip_grad=None)
+    tr = Trainer(cfg, OptimCfg(lr=1e-3, schedule="constant"), QUIET, tmp_path, lin,
+                 _linear_task(lin, inject))
+    tr.precision = make_precision("fp16", "cpu", growth_interval=2)
+    s0 = tr.precision.scaler.get_scale()
+    rows = [tr.train_step() for _ in range(2)]
+    assert rows[1]["loss_scale"] == 2 * s0  # grew after 2 clean steps
+    before = lin.weight.detach().clone()
+    inject["on"] = True
+    row = tr.train_step()
+    assert row["loss_scale"] == s0  # halved
+    assert row.get("skipped") == 1
+    assert torch.equal(lin.weight, before)  # the overflowing step changed nothing
+    inject["on"] = False
+    row = tr.train_step()
+    assert "skipped" not in row and not torch.equal(lin.weight, before)
+
+
+def test_nonfinite_loss_is_skipped_and_counted_then_aborts(tmp_path: Path) -> None:
+    lin = torch.nn.Linear(2, 1)
+    bad = {"steps": {1}}
+
+    def step(b):
+        loss = lin(b).pow(2).mean()
+        return (loss * float("nan") if tr.state.step in bad["steps"] else loss), {}
+
+    tr = Trainer(train_cfg(max_steps=4, max_nonfinite=3), OPTIM, QUIET, tmp_path, lin,
+                 Task(step=step, batches=lambda n: [torch.ones(3, 2)]))
+    rows = [tr.train_step() for _ in range(3)]
+    assert rows[1].get("skipped") == 1 and math.isnan(rows[1]["loss"])
+    assert tr.state.nonfinite_total == 1 and tr.state.nonfinite_in_row == 0
+    bad["steps"] = set(range(100))
+    with pytest.raises(TrainingError, match="non-finite for 3 steps in a row"):
+        for _ in range(3):
+            tr.train_step()
+
+
+def test_early_stopping_keeps_the_best(tmp_path: Path, windows) -> None:
+    model = micro_llama()
+    vals = iter([3.0, 2.0, 2.5, 2.6, 2.7, 9.0])
+    task = lm_task(model, windows, 8, 1)
+    task.evaluate = lambda: {"val_loss": next(vals)}
+    cfg = train_cfg(max_steps=20, eval_every=1, patience=2, final="best")
+    res = Trainer(cfg, OPTIM, QUIET, tmp_path, model, task).run()
+    assert res.stopped == "early_stop" and res.steps == 4 and res.best_val_loss == 2.0
+    best = (tmp_path / "best" / "model.safetensors").read_bytes()
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == best
+
+
+def test_weight_decay_only_on_matrices(tmp_path: Path, windows) -> None:
+    model = micro_llama()
+    tr = Trainer(train_cfg(), OptimCfg(weight_decay=0.3), QUIET, tmp_path, model,
+                 lm_task(model, windows, 8, 1))
+    decay, no_decay = tr.optimizer.param_groups
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+
+
+def test_schedules_closed_form() -> None:
+    cos = OptimCfg(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(0, cos, 110) == pytest.approx(0.1)  # (0+1)/10
+    assert lr_at(9, cos, 110) == pytest.approx(1.0)
+    assert lr_at(60, cos, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi/2) = 0
+    assert lr_at(110, cos, 110) == pytest.approx(0.1)
+    lin = OptimCfg(lr=2.0, schedule="linear", min_lr_ratio=0.0)
+    assert lr_at(25, lin, 100) == pytest.approx(1.5)
+    assert lr_at(77, OptimCfg(lr=0.5, schedule="constant"), 100) == 0.5
