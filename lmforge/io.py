@@ -51,3 +51,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def check_local_or_hub(spec: str | Path, what: str) -> None:
+    """A hub id is `name` or `owner/name`; anything else that does not exist is a missing
+    local path, said at once (instead of hub retries and a message about repo ids)."""
+    from lmforge.errors import UserError
+
+    s = str(spec)
+    if Path(s).exists():
+        return
+    if Path(s).is_absolute() or s.startswith(".") or s.count("/") > 1 or "\\" in s:
+        raise UserError(f"{what} path not found: {s}")

@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from lmforge.config import ModelCfg
 from lmforge.errors import UserError
-from lmforge.io import replace_dir
+from lmforge.io import check_local_or_hub, replace_dir
 from lmforge.tokenizer import make_portable
 
 # per-shard load/save bars drown the loop's own progress on small models
@@ -86,16 +86,22 @@ def build_model(cfg: ModelCfg, tokenizer: PreTrainedTokenizerBase, seed: int = 0
             torch.manual_seed(seed)  # init depends on the seed alone, not on RNG history
             model = AutoModelForCausalLM.from_config(conf)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in backward: ~1/3 more compute for memory ~ one layer's worth.
+    transformers 5 renamed the switch; 4.x has only the old name."""
+    fn = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    fn()
+    model.config.use_cache = False
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False,
                dtype: torch.dtype | None = None) -> PreTrainedModel:
     p = Path(path)
-    if not p.exists() and (str(path).startswith((".", "/")) or p.suffix):
-        raise UserError(f"model path not found: {path}")
+    check_local_or_hub(path, "model")
     if p.exists() and not (p / "config.json").exists():
         raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
     try:

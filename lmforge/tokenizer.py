@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lmforge.errors import UserError
+from lmforge.io import check_local_or_hub
 
 # transformers 5 writes its own class name, which 4.x cannot resolve; this one both know.
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
@@ -89,6 +90,7 @@ def resolve_tokenizer_dir(path: Path) -> Path:
 
 def load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     p = Path(path)
+    check_local_or_hub(path, "tokenizer" if p.name != "final" else "model")
     target = str(resolve_tokenizer_dir(p)) if p.exists() else str(path)
     try:
         return AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
