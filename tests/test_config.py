@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from lmforge.config import PipelineCfg, PretrainCfg, load_config, parse_override, read_yaml
 from lmforge.errors import UserError
@@ -79,7 +80,7 @@ def test_missing_checkpoint_path_is_a_config_error() -> None:
 
 def test_configs_are_frozen() -> None:
     cfg = load_config(PretrainCfg, None)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.max_steps = 3  # type: ignore[misc]
 
 

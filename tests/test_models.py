@@ -12,7 +12,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.config import ModelCfg
 from lmforge.errors import UserError
-from lmforge.models import count_params, enable_checkpointing, flops_per_token, load_model, preset_config, save_hf
+from lmforge.models import (
+    count_params,
+    enable_checkpointing,
+    flops_per_token,
+    load_model,
+    preset_config,
+    save_hf,
+)
 from lmforge.tokenizer import save_tokenizer, train_bpe
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "class A:\n    pass\n"] * 20

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lmforge import config as C
 from lmforge.io import atomic_write_json
