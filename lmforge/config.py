@@ -32,7 +32,7 @@ class RunCfg(Cfg):
 
 class ModelCfg(Cfg):
     path: str | None = None  # a local HF directory or a hub id; wins over `preset`
-    preset: Literal["tiny", "small", "gpt2-124m"] | None = "tiny"  # build from scratch
+    preset: Literal["nano", "tiny", "small", "gpt2-124m"] | None = "tiny"  # build from scratch
     arch: Literal["llama", "gpt2"] = "llama"  # family used by `preset` (gpt2-124m is gpt2)
     max_position_embeddings: int = Field(1024, ge=16)
     tie_embeddings: bool = True

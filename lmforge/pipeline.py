@@ -7,6 +7,7 @@ it and every later stage that consumes it (directly or not), since their inputs 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,9 @@ def run_pipeline(path: Path, force: list[str] | None = None,
             print(f"[{st.name}] finished earlier; skipped (--force {st.name} to redo)")
             summaries[st.name] = json.loads(done.read_text())
             continue
+        if st.name in redo and (root / st.name).exists():
+            # redone means from scratch: an old checkpoint must not be resumed into new inputs
+            shutil.rmtree(root / st.name)
         print(f"[{st.name}] running stage {st.stage} -> {root / st.name}", flush=True)
         summaries[st.name] = run_stage(st.stage, cfg)
         print(f"[{st.name}] done in {summaries[st.name]['wall_time_s']:.1f}s", flush=True)

@@ -106,7 +106,12 @@ def load_weights(model: PreTrainedModel, ckpt: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch: a checkpoint of another model
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e))
+        raise UserError(f"checkpoint {ckpt} does not match the model ({detail}); "
+                        "set train.resume=never to start over") from None
     params = dict(model.named_parameters(remove_duplicate=False))
     ids = {id(p) for k, p in params.items() if k in state}
     untied = [k for k in missing if k in params and id(params[k]) not in ids]

@@ -6,6 +6,7 @@ non-finite guard, signals, metrics.jsonl and progress.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import resource
@@ -101,6 +102,18 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def keep_freed_memory() -> None:
+    """Stop glibc from returning large freed blocks to the OS between steps: otherwise every
+    step re-faults its activations (~100k page faults, 5-10% of a CPU step on `small`), for
+    50-100 MB more resident memory. A no-op where libc is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: serve big blocks from the heap, not fresh mmaps
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep the freed heap
+
+
 @dataclass
 class _State:
     """Everything besides weights and optimizer that an exact resume must restore."""
@@ -121,8 +134,10 @@ class Trainer:
         self.run_dir, self.model, self.task, self.tokenizer = run_dir, model, task, tokenizer
         self.device = next(model.parameters()).device
         self.precision: Precision = make_precision(cfg.precision, self.device.type)
+        # fused: one kernel per step instead of ~10 small ops per tensor (3x faster on CPU)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+            fused=self.device.type in ("cpu", "cuda"),
         )
         self.state = _State()
         self.ckpt_root = run_dir / "checkpoints"
@@ -270,6 +285,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> Result:
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         torch.manual_seed(self.cfg.seed)

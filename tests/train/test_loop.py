@@ -198,3 +198,12 @@ def test_schedules_closed_form() -> None:
     lin = OptimCfg(lr=2.0, schedule="linear", min_lr_ratio=0.0)
     assert lr_at(25, lin, 100) == pytest.approx(1.5)
     assert lr_at(77, OptimCfg(lr=0.5, schedule="constant"), 100) == 0.5
+
+
+def test_resume_into_a_different_model_is_a_user_error(tmp_path: Path, windows) -> None:
+    model = micro_llama()
+    Trainer(train_cfg(max_steps=1), OPTIM, QUIET, tmp_path, model, lm_task(model, windows, 8, 1)).run()
+    other = micro_llama(vocab=80)
+    tr = Trainer(train_cfg(max_steps=2), OPTIM, QUIET, tmp_path, other, lm_task(other, windows, 8, 1))
+    with pytest.raises(UserError, match=r"does not match the model \(size mismatch.*train.resume=never"):
+        tr.resume()
