@@ -77,6 +77,8 @@ def pretrain_lines(name: str, s: dict[str, Any]) -> list[str]:
         f"- final val loss **{_fmt(s.get('final_val_loss'))}** nats/token vs unigram entropy of "
         f"the val tokens **{_fmt(s.get('val_unigram_entropy'))}**: "
         f"**{_fmt(ratio, '.1%')}**{verdict}",
+        f"- per byte of val text (comparable across vocab sizes): "
+        f"{_fmt(s.get('val_nats_per_byte'), '.3f')} nats = {_fmt(s.get('val_bits_per_byte'), '.3f')} bits",
         f"- non-finite steps skipped: {s.get('nonfinite_skipped', 0)}",
     ]
 

@@ -25,6 +25,8 @@ def test_stage_outputs_and_report(tiny_run: Path) -> None:
     s = json.loads((tiny_run / "pretrain" / "summary.json").read_text())
     assert s["steps"] == 10 and s["stopped"] == "max_steps"
     assert s["val_loss_over_unigram_entropy"] == s["final_val_loss"] / s["val_unigram_entropy"]
+    val = s["data"]["splits"]["val"]
+    assert s["val_nats_per_byte"] == s["final_val_loss"] * val["tokens"] / val["bytes"]
     rows = [json.loads(x) for x in (tiny_run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_mb"):

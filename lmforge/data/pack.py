@@ -28,14 +28,15 @@ def ids_dtype(vocab_size: int) -> np.dtype[Any]:
 def write_ids(
     texts: Iterable[str], tok: Tokenizer, eos_id: int, out: Path, dtype: np.dtype[Any],
     chunk: int = 512,
-) -> tuple[int, int]:
-    """Encode `texts` (eos after each document) into `out`; returns (tokens, documents)."""
+) -> tuple[int, int, int]:
+    """Encode `texts` (eos after each document) into `out`; returns (tokens, documents, bytes)."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    n_tokens = n_docs = 0
+    n_tokens = n_docs = n_bytes = 0
     buf: list[str] = []
 
     def flush(f: Any) -> None:
-        nonlocal n_tokens, n_docs
+        nonlocal n_tokens, n_docs, n_bytes
+        n_bytes += sum(len(t.encode("utf-8")) for t in buf)
         for enc in tok.encode_batch(buf, add_special_tokens=False):
             arr = np.asarray([*enc.ids, eos_id], dtype=dtype)
             f.write(arr.tobytes())
@@ -51,7 +52,7 @@ def write_ids(
         if buf:
             flush(f)
     os.replace(tmp, out)
-    return n_tokens, n_docs
+    return n_tokens, n_docs, n_bytes
 
 
 def pack_corpus(
@@ -76,9 +77,10 @@ def pack_corpus(
     dtype = ids_dtype(vocab_size)
     splits = {}
     for split in ("train", "val"):
-        n_tok, n_doc = write_ids(iter_corpus(corpus_dir, split), tok, eos_id,
-                                 out_dir / f"{split}.bin", dtype)
-        splits[split] = {"file": f"{split}.bin", "tokens": n_tok, "documents": n_doc}
+        n_tok, n_doc, n_bytes = write_ids(iter_corpus(corpus_dir, split), tok, eos_id,
+                                          out_dir / f"{split}.bin", dtype)
+        splits[split] = {"file": f"{split}.bin", "tokens": n_tok, "documents": n_doc,
+                         "bytes": n_bytes}
     manifest = {"dtype": dtype.name, "vocab_size": vocab_size, "eos_id": eos_id,
                 "splits": splits, "sources": sources}
     atomic_write_json(manifest_path, manifest)  # written last: its presence means complete

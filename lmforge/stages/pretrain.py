@@ -83,6 +83,9 @@ def main(cfg: PretrainCfg) -> dict[str, Any]:
 
     h1 = unigram_entropy(val_w.token_counts(len(tokenizer)))
     val = res.best_val_loss if cfg.train.final == "best" else res.last.get("loss")
+    v = manifest["splits"]["val"]
+    # per byte: the one loss figure that compares across tokenizers and vocab sizes
+    nats_per_byte = val * v["tokens"] / v["bytes"] if val is not None and v.get("bytes") else None
     return {
         **info,
         "steps": res.steps,
@@ -96,6 +99,8 @@ def main(cfg: PretrainCfg) -> dict[str, Any]:
         "final_val_ppl": math.exp(val) if val is not None else None,
         "val_unigram_entropy": h1,
         "val_loss_over_unigram_entropy": (val / h1) if val is not None else None,
+        "val_nats_per_byte": nats_per_byte,
+        "val_bits_per_byte": nats_per_byte / math.log(2) if nats_per_byte else None,
         "nonfinite_skipped": res.nonfinite_skipped,
         "data": manifest,
         "final_dir": str(res.final_dir),

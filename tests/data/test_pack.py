@@ -35,6 +35,7 @@ def test_pack_round_trip_and_reuse(tmp_path: Path) -> None:
     tok = train_bpe(TEXTS, 300, ["<eos>"], min_frequency=1)
     m = pack_corpus(corpus, tok, 300, 0, tmp_path / "pack")
     assert m["dtype"] == "uint16" and m["splits"]["train"]["documents"] == 50
+    assert m["splits"]["val"]["bytes"] == sum(len(t.encode()) for t in TEXTS[50:])
     ids = np.fromfile(tmp_path / "pack" / "train.bin", dtype=np.uint16)
     assert len(ids) == m["splits"]["train"]["tokens"]
     docs = np.split(ids, np.flatnonzero(ids == 0) + 1)[:-1]  # eos (id 0) ends every document
