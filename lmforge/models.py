@@ -41,7 +41,7 @@ class Preset:
     d_ff: int  # llama MLP width (SwiGLU: ~8/3 d, rounded to a multiple of 16)
 
 
-# Sizes at an 8k vocab with tied embeddings: nano ~3.5M, tiny ~5.3M params, small ~29M.
+# Sizes at an 8k vocab with tied embeddings: nano ~3.3M, tiny ~5.3M params, small ~29M.
 PRESETS: dict[str, Preset] = {
     "nano": Preset(d_model=192, n_layers=4, n_heads=4, d_ff=512),
     "tiny": Preset(d_model=256, n_layers=4, n_heads=4, d_ff=688),

@@ -163,12 +163,12 @@ class Trainer:
     def resume(self) -> Path | None:
         r = self.cfg.resume
         if r == "never":
-            self.metrics_path.unlink(missing_ok=True)
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
-            return None
-        path = ckpt.latest_checkpoint(self.ckpt_root) if r == "auto" else Path(r)
-        if path is None:
+        path = ckpt.latest_checkpoint(self.ckpt_root) if r != "never" else None
+        path = Path(r) if r not in ("auto", "never") else path
+        if path is None:  # a fresh start: nothing of an earlier run may leak into this one
             self.metrics_path.unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "best", ignore_errors=True)
             return None
         if not path.exists():
             raise UserError(f"train.resume: checkpoint {path} does not exist")
