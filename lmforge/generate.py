@@ -46,14 +46,12 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     device = next(model.parameters()).device
     start = tokenizer.eos_token_id
     outs = []
-    gen = torch.Generator(device=device)
     for i, prompt in enumerate(prompts):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if start is not None:
             ids = [start, *ids]
         x = torch.tensor([ids], device=device)
         torch.manual_seed(cfg.seed + i)  # HF sampling draws from the global generator
-        gen.manual_seed(cfg.seed + i)
         sample = cfg.temperature > 0
         out = model.generate(
             x, attention_mask=torch.ones_like(x), max_new_tokens=cfg.max_new_tokens,

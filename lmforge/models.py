@@ -7,7 +7,6 @@ so `save_hf` writes the config keys both generations read (see `_portable_config
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from lmforge.config import ModelCfg
 from lmforge.errors import UserError
-from lmforge.io import check_local_or_hub, replace_dir
+from lmforge.io import atomic_dir, check_local_or_hub
 from lmforge.tokenizer import make_portable
 
 # per-shard load/save bars drown the loop's own progress on small models
@@ -115,14 +114,12 @@ def load_model(path: str | Path, trust_remote_code: bool = False,
 def save_hf(model: PreTrainedModel, out: Path,
             tokenizer: PreTrainedTokenizerBase | None = None) -> None:
     """Write an HF directory atomically (temp dir, then rename): safetensors + portable config."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    _portable_config(tmp / "config.json")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-        make_portable(tmp)
-    replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _portable_config(tmp / "config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+            make_portable(tmp)
 
 
 def _portable_config(path: Path) -> None:

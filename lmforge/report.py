@@ -61,7 +61,7 @@ def stage_table(summaries: dict[str, dict[str, Any]], stage_of: dict[str, str]) 
 
 
 def corpus_lines(s: dict[str, Any]) -> list[str]:
-    keys = [k for k, v in s.items() if isinstance(v, int) and k not in ("wall_time_s",)]
+    keys = [k for k, v in s.items() if isinstance(v, int) and not isinstance(v, bool)]
     return ["| count | value |", "|---|---:|"] + [f"| {k} | {s[k]:,} |" for k in keys]
 
 

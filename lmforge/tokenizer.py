@@ -102,13 +102,14 @@ def bytes_per_token(tok: Tokenizer, texts: Iterable[str], batch: int = 256) -> t
     """UTF-8 bytes per token over `texts`: (ratio, bytes, tokens). Compression is the
     tokenizer's one number that transfers across vocab sizes."""
     n_bytes = n_tokens = 0
-    for chunk in _batched(texts, batch):
+    for chunk in batched(texts, batch):
         n_bytes += sum(len(t.encode("utf-8")) for t in chunk)
         n_tokens += sum(len(e.ids) for e in tok.encode_batch(chunk, add_special_tokens=False))
     return (n_bytes / max(n_tokens, 1), n_bytes, n_tokens)
 
 
-def _batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
+def batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
+    """Lists of up to `n` texts (itertools.batched is 3.12+)."""
     buf: list[str] = []
     for t in texts:
         buf.append(t)

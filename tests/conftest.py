@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from lmforge.config import LogCfg, OptimCfg, TrainCfg
+from lmforge.config import LogCfg, OptimCfg, PretrainCfg, TrainCfg
 from lmforge.data.pack import TokenWindows
-from lmforge.losses.lm import causal_lm_loss
+from lmforge.stages.pretrain import lm_task as stage_lm_task
 from lmforge.train.loop import Task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,18 +41,21 @@ def windows(tmp_path: Path) -> TokenWindows:
 
 def lm_task(model: torch.nn.Module, windows: TokenWindows, micro: int, accum: int,
             seed: int = 0, on_step=None) -> Task:
-    """The pretraining task shape, on a TokenWindows: `on_step(n)` runs before step n's batches."""
+    """The pretrain stage's own task on `windows`, without its evaluation;
+    `on_step(n)` runs before step n's batches are fetched."""
+    cfg = PretrainCfg(train=TrainCfg(micro_batch_size=micro, grad_accum=accum, seed=seed,
+                                     eval_batches=1))
+    task = stage_lm_task(model, windows, windows, cfg, torch.device("cpu"), flops=0.0)
+    task.evaluate = None
+    if on_step is not None:
+        fetch = task.batches
 
-    def step(b: torch.Tensor):
-        return causal_lm_loss(model(input_ids=b[:, :-1]).logits, b[:, 1:])[0], {}
-
-    def batches(n: int):
-        if on_step is not None:
+        def batches(n: int):
             on_step(n)
-        return list(windows.batch(seed, n, micro * accum).split(micro))
+            return fetch(n)
 
-    ntok = lambda b: b.size(0) * (b.size(1) - 1)  # noqa: E731
-    return Task(step=step, batches=batches, weight=ntok, tokens=ntok)
+        task.batches = batches
+    return task
 
 
 def train_cfg(**kw) -> TrainCfg:

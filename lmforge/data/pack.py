@@ -7,7 +7,6 @@ uninterrupted run would, and accumulation splits the same windows whatever the m
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from lmforge.data.sources import iter_corpus
 from lmforge.errors import UserError
-from lmforge.io import atomic_write_json, sha256_file
+from lmforge.io import atomic_file, atomic_write_json, sha256_file
+from lmforge.tokenizer import batched
 
 
 def ids_dtype(vocab_size: int) -> np.dtype[Any]:
@@ -30,28 +31,15 @@ def write_ids(
     chunk: int = 512,
 ) -> tuple[int, int, int]:
     """Encode `texts` (eos after each document) into `out`; returns (tokens, documents, bytes)."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     n_tokens = n_docs = n_bytes = 0
-    buf: list[str] = []
-
-    def flush(f: Any) -> None:
-        nonlocal n_tokens, n_docs, n_bytes
-        n_bytes += sum(len(t.encode("utf-8")) for t in buf)
-        for enc in tok.encode_batch(buf, add_special_tokens=False):
-            arr = np.asarray([*enc.ids, eos_id], dtype=dtype)
-            f.write(arr.tobytes())
-            n_tokens += arr.size
-        n_docs += len(buf)
-        buf.clear()
-
-    with open(tmp, "wb") as f:
-        for text in texts:
-            buf.append(text)
-            if len(buf) >= chunk:
-                flush(f)
-        if buf:
-            flush(f)
-    os.replace(tmp, out)
+    with atomic_file(out, "wb") as f:
+        for buf in batched(texts, chunk):
+            n_bytes += sum(len(t.encode("utf-8")) for t in buf)
+            for enc in tok.encode_batch(buf, add_special_tokens=False):
+                arr = np.asarray([*enc.ids, eos_id], dtype=dtype)
+                f.write(arr.tobytes())
+                n_tokens += arr.size
+            n_docs += len(buf)
     return n_tokens, n_docs, n_bytes
 
 
@@ -60,8 +48,6 @@ def pack_corpus(
     tokenizer_file: Path | None = None,
 ) -> dict[str, Any]:
     """Pack train/val of a corpus stage into `out_dir`; reuse it when the sources are unchanged."""
-    from lmforge.stages.tokenizer import iter_corpus  # the one reader of corpus splits
-
     sources = {f"{s}.jsonl": sha256_file(corpus_dir / f"{s}.jsonl") for s in ("train", "val")
                if (corpus_dir / f"{s}.jsonl").exists()}
     if len(sources) != 2:

@@ -17,6 +17,7 @@ directories (`.git`, `.venv`) inside a user's tree would otherwise be read as co
   `file:line`, because it means the user pointed at the wrong field or a broken export.
 
 Output order is deterministic: sources in the order given, files sorted by relative path.
+`iter_corpus` reads back what the corpus stage wrote (its train/val splits).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import re
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,3 +180,18 @@ def read_sources(sources: list[SourceCfg], extensions: list[str]) -> SourceRead:
             else:
                 out.documents.append(Document(text, str(path)))
     return out
+
+
+def iter_corpus(corpus_dir: Path, split: str, max_bytes: int | None = None) -> Iterator[str]:
+    """Texts of a corpus stage's split (`train.jsonl` / `val.jsonl`), up to `max_bytes`."""
+    path = corpus_dir / f"{split}.jsonl"
+    if not path.exists():
+        raise UserError(f"corpus split not found: {path} (run the corpus stage first)")
+    seen = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            yield text
+            seen += len(text.encode("utf-8"))
+            if max_bytes is not None and seen >= max_bytes:
+                return

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import unicodedata
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from lmforge.config import CorpusCfg
 from lmforge.data.dedup import exact_dedup, lsh_threshold, near_dedup
 from lmforge.data.sources import Document, default_sources, describe_sources, read_sources
 from lmforge.errors import UserError
+from lmforge.io import atomic_file
 
 
 def normalize(docs: list[Document], form: Literal["NFC", "NFKC", "none"]) -> list[Document]:
@@ -37,13 +37,11 @@ def in_val(text: str, seed: int, val_fraction: float) -> bool:
 
 def write_jsonl(path: Path, docs: list[Document]) -> int:
     """Write atomically (temp name, then rename) and return the UTF-8 bytes of the texts."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n_bytes = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         for d in docs:
             f.write(json.dumps({"text": d.text, "source": d.source}, ensure_ascii=False) + "\n")
             n_bytes += len(d.text.encode("utf-8"))
-    os.replace(tmp, path)
     return n_bytes
 
 

@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from lmforge.config import TokenizerCfg
+from lmforge.data.sources import iter_corpus
 from lmforge.errors import UserError
-from lmforge.io import replace_dir
+from lmforge.io import atomic_dir
 from lmforge.tokenizer import bytes_per_token, save_tokenizer, train_bpe
-
-
-def iter_corpus(corpus_dir: Path, split: str, max_bytes: int | None = None) -> Iterator[str]:
-    """Texts of a corpus stage's split (`train.jsonl` / `val.jsonl`), up to `max_bytes`."""
-    path = corpus_dir / f"{split}.jsonl"
-    if not path.exists():
-        raise UserError(f"corpus split not found: {path} (run the corpus stage first)")
-    seen = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            text = json.loads(line)["text"]
-            yield text
-            seen += len(text.encode("utf-8"))
-            if max_bytes is not None and seen >= max_bytes:
-                return
 
 
 def main(cfg: TokenizerCfg) -> dict[str, Any]:
@@ -41,13 +23,11 @@ def main(cfg: TokenizerCfg) -> dict[str, Any]:
         cfg.vocab_size, specials, cfg.min_frequency,
     )
     final = cfg.run.dir / "final"
-    tmp = cfg.run.dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_tokenizer(
-        tok, tmp, bos_token=cfg.bos_token, eos_token=cfg.eos_token, pad_token=cfg.pad_token,
-        extra_special_tokens=list(cfg.extra_special_tokens),
-    )
-    replace_dir(tmp, final)
+    with atomic_dir(final) as tmp:
+        save_tokenizer(
+            tok, tmp, bos_token=cfg.bos_token, eos_token=cfg.eos_token, pad_token=cfg.pad_token,
+            extra_special_tokens=list(cfg.extra_special_tokens),
+        )
     bpt, n_bytes, n_tokens = bytes_per_token(tok, iter_corpus(cfg.corpus, "val"))
     train_bpt, _, _ = bytes_per_token(tok, iter_corpus(cfg.corpus, "train", 2_000_000))
     print(f"tokenizer: {bpt:.3f} bytes/token on val ({n_bytes:,} bytes -> {n_tokens:,} tokens)")

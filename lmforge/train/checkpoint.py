@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from lmforge.errors import UserError
+from lmforge.io import atomic_dir
 
 COMPLETE = "COMPLETE"
 STATE = "trainer_state.pt"
@@ -51,17 +52,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     root: Path, step: int, model: PreTrainedModel, trainer_state: dict[str, Any], keep_last: int,
 ) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    torch.save(trainer_state, tmp / STATE)
-    (tmp / COMPLETE).write_text(f"{step}\n")
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(final, tmp=root / f".tmp-step-{step}") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        torch.save(trainer_state, tmp / STATE)
+        (tmp / COMPLETE).write_text(f"{step}\n")
+        _fsync_dir(tmp)
     _prune(root, keep_last)
     return final
 

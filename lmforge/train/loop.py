@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge.config import LogCfg, OptimCfg, TrainCfg
 from lmforge.errors import Interrupted, TrainingError, UserError
-from lmforge.io import append_jsonl, read_jsonl, replace_dir
+from lmforge.io import append_jsonl, atomic_dir, read_jsonl
 from lmforge.models import save_hf
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.precision import DTYPES, Precision, make_precision, matmul_flops
@@ -334,10 +334,8 @@ class Trainer:
         final = self.run_dir / "final"
         best = self.run_dir / "best"
         if self.cfg.final == "best" and best.exists():
-            tmp = self.run_dir / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(best, tmp)
-            replace_dir(tmp, final)
+            with atomic_dir(final) as tmp:
+                shutil.copytree(best, tmp, dirs_exist_ok=True)
         else:
             save_hf(self.model, final, self.tokenizer)
         s = self.state
