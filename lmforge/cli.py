@@ -20,6 +20,13 @@ def _parser() -> argparse.ArgumentParser:
     for name in STAGES:
         s = sub.add_parser(name, help=f"run the {name} stage")
         s.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.path=value")
+        if name == "sft":
+            s.add_argument("--preview", type=int, default=0, metavar="N",
+                           help="print N rendered training examples, loss tokens in [[...]], and exit")
+    m = sub.add_parser("merge", help="merge a LoRA/DoRA/QLoRA adapter into its base model")
+    m.add_argument("adapter", type=Path, help="an adapter dir (e.g. runs/demo/sft/final/adapter)")
+    m.add_argument("--base", help="base model dir or hub id (default: the adapter's own record)")
+    m.add_argument("--out", type=Path, required=True, help="where the merged HF directory goes")
     r = sub.add_parser("run", help="run a pipeline of stages")
     r.add_argument("pipeline", type=Path)
     r.add_argument("overrides", nargs="*", metavar="[STAGE.]key.path=value")
@@ -55,18 +62,34 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
         generate_cli(ns)
         return 0
+    if ns.command == "merge":
+        from lmforge.models import merge_cli
+
+        merge_cli(ns.adapter, ns.base, ns.out)
+        return 0
     from lmforge.config import load_config
     from lmforge.stages import run_stage
 
     path, overrides = _split_args(ns.args)
     cfg = load_config(STAGES[ns.command], path, overrides)
+    if getattr(ns, "preview", 0):
+        from lmforge.stages.sft import preview
+
+        preview(cfg, ns.preview)  # type: ignore[arg-type]
+        return 0
     summary = run_stage(ns.command, cfg)
     print(f"{ns.command}: done in {summary['wall_time_s']:.1f}s -> {cfg.run.dir}")  # type: ignore[attr-defined]
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
+    parser = _parser()
+    # `sft C.yaml --preview 2 a.b=c`: overrides after an option are still overrides
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(ns, "args") or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        ns.args = [*ns.args, *extra]
     try:
         return _dispatch(ns)
     except UserError as e:

@@ -137,6 +137,84 @@ class PretrainCfg(Cfg):
     log: LogCfg = LogCfg()
 
 
+class LoraCfg(Cfg):
+    """How much of the model trains: all of it, or low-rank adapters through `peft`."""
+
+    method: Literal["full", "lora", "dora", "qlora"] = "full"
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)  # scale alpha/r (alpha/sqrt(r) with rslora)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    rslora: bool = False  # rank-stabilized scaling (Kalajdzievski 2023)
+    # the template's special tokens were never seen in pretraining, so their embeddings are
+    # untrained; an adapter on the linear layers alone cannot fix that, this trains those rows
+    train_new_tokens: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # qlora: the 4-bit base's data type
+    double_quant: bool = True  # qlora: quantize the quantization constants too
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # qlora: dtype of the matmuls
+
+
+class ChatDataCfg(Cfg):
+    train: str | None = None  # a .jsonl/.json file, a hub dataset id, or "synthetic_code"
+    val: str | None = None  # same kinds; None: `val_fraction` of train, split by hash
+    val_fraction: float = Field(0.02, ge=0, lt=1)
+    format: Literal["auto", "messages", "prompt_completion", "alpaca"] = "auto"
+    split: str = "train"  # hub datasets only
+    template: str = "auto"  # auto | tokenizer | chatml | llama3 | alpaca | plain | lmforge | a .jinja
+    train_on_prompt: bool = False
+    max_length: int = Field(512, ge=8)
+    truncation: Literal["left", "drop"] = "left"  # left never cuts the last answer
+    packing: bool = True
+    skip_invalid: bool = False  # count and skip bad rows instead of stopping at the first
+    limit: int | None = Field(None, ge=1)
+    tokenizer: Path | None = None  # only for a model built from a preset
+
+
+class ForgettingCfg(Cfg):
+    general: Path | None = None  # a corpus stage dir: val -> the monitor; train -> replay, Fisher
+    seq_len: int = Field(256, ge=8)
+    eval_batches: int = Field(8, ge=1)
+    replay_fraction: float = Field(0.0, ge=0, lt=1)  # share of each micro-batch's rows
+    kl_coef: float = Field(0.0, ge=0)  # KL(model || base) on the batch's real tokens
+    l2sp_coef: float = Field(0.0, ge=0)  # 1/2 c |theta - theta0|^2
+    ewc_coef: float = Field(0.0, ge=0)  # 1/2 c sum F (theta - theta0)^2, F mean-normalized
+    fisher_batches: int = Field(16, ge=1)
+
+
+class SyntheticTaskCfg(Cfg):
+    seed: int = 0
+    n_train: int = Field(4000, ge=1)
+    n_eval: int = Field(200, ge=1)  # per difficulty, and for unseen compositions
+
+
+class TaskEvalCfg(Cfg):
+    task: Literal["synthetic_code"] | None = None  # pass@1 before and after training
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(160, ge=1)
+    timeout_s: float = Field(5.0, gt=0)
+    workers: int = Field(2, ge=1)
+    before: bool = True  # also measure the base model
+
+
+class SftCfg(Cfg):
+    run: RunCfg = RunCfg()
+    model: ModelCfg = ModelCfg(preset=None)
+    data: ChatDataCfg = ChatDataCfg()
+    lora: LoraCfg = LoraCfg()
+    optim: OptimCfg = OptimCfg(lr=1e-4, weight_decay=0.0)
+    train: TrainCfg = TrainCfg()
+    log: LogCfg = LogCfg()
+    forgetting: ForgettingCfg = ForgettingCfg()
+    task: SyntheticTaskCfg = SyntheticTaskCfg()
+    eval: TaskEvalCfg = TaskEvalCfg()
+
+
+class MergeCfg(Cfg):
+    adapter: Path  # a dir holding adapter_config.json (e.g. runs/x/sft/final/adapter)
+    base: str | None = None  # default: the adapter's base_model_name_or_path
+    out: Path
+
+
 class ReportCfg(Cfg):
     prompts: list[str] = ["def ", "import ", "class "]
     max_new_tokens: int = Field(64, ge=1)
@@ -170,6 +248,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key or any(not p for p in key.split(".")):
         raise UserError(f"override {item!r}: expected key.path=value")
+    if raw.lower() in ("on", "off", "yes", "no", "y", "n"):
+        return key.split("."), raw  # YAML 1.1 would make these bools; let the schema decide
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:

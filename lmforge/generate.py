@@ -78,3 +78,31 @@ def generate_cli(ns: argparse.Namespace) -> None:
     for prompt, text in zip(ns.prompt or [""], generate(model, tokenizer, ns.prompt or [""], cfg)):
         print(prompt + text)
         print("-" * 40)
+
+
+@torch.no_grad()
+def greedy_batch(model: PreTrainedModel, prompts: list[list[int]], stop_ids: list[int],
+                 pad_id: int, max_new_tokens: int, batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuations of tokenized prompts, batched with left padding; each output ends
+    before its first stop token. Prompts are batched by length so little compute is spent on
+    padding; outputs come back in the input order."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outs: list[list[int]] = [[] for _ in prompts]
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        T = max(len(prompts[i]) for i in idx)
+        x = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        att = torch.zeros((len(idx), T), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(prompts[i])
+            x[row, T - n:] = torch.tensor(prompts[i])
+            att[row, T - n:] = 1
+        gen = model.generate(x.to(device), attention_mask=att.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                             pad_token_id=pad_id, temperature=None, top_k=None, top_p=None)
+        for row, i in enumerate(idx):
+            new = gen[row, T:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in stop_ids), len(new))
+            outs[i] = new[:cut]
+    return outs

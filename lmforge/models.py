@@ -23,7 +23,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from lmforge.config import ModelCfg
+from lmforge.config import LoraCfg, ModelCfg
 from lmforge.errors import UserError
 from lmforge.io import atomic_dir, check_local_or_hub
 from lmforge.tokenizer import make_portable
@@ -97,8 +97,17 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
+def resolve_model_dir(path: str | Path) -> str:
+    """A model dir, or a stage dir whose `final/` holds one (so pipelines can say `uses`)."""
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").exists() and (p / "final" / "config.json").exists():
+        return str(p / "final")
+    return str(path)
+
+
 def load_model(path: str | Path, trust_remote_code: bool = False,
                dtype: torch.dtype | None = None) -> PreTrainedModel:
+    path = resolve_model_dir(path)
     p = Path(path)
     check_local_or_hub(path, "model")
     if p.exists() and not (p / "config.json").exists():
@@ -174,3 +183,126 @@ def config_summary(model: PreTrainedModel) -> dict[str, Any]:
     trainable, total = count_params(model)
     return {"model_type": model.config.model_type, "params": total, "trainable_params": trainable,
             "vocab_size": model.config.vocab_size}
+
+
+# --------------------------------------------------------------------------- new tokens, PEFT
+
+
+def add_rows_for_new_tokens(model: PreTrainedModel, n_vocab: int) -> None:
+    """Grow the embedding (and an untied head) to `n_vocab` rows, each new row the mean of the
+    old ones: a token the model has never seen starts where an average token is, so the first
+    steps' logits stay sane. Deterministic (transformers' default samples around the mean), so
+    `lmforge merge` can rebuild the same base from the saved tokenizer alone."""
+    old = model.get_input_embeddings().weight.size(0)
+    if n_vocab <= old:
+        return
+    model.resize_token_embeddings(n_vocab, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings())
+                    if e is not None}.values():
+            emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct last names of the layers LoRA can adapt (Linear and GPT-2's Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, Conv1D)) or type(m).__name__ == "Linear4bit"}
+    return sorted(names)
+
+
+def check_targets(model: nn.Module, targets: list[str] | str) -> None:
+    if targets == "all-linear":
+        return
+    modules = [n for n, _ in model.named_modules()]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in modules):
+            raise UserError(f"lora.target_modules: {t!r} matches no module; linear layers are: "
+                            f"{', '.join(linear_module_names(model))}")
+
+
+_COMPUTE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_quantized(path: str, lora: LoraCfg, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A 4-bit base for QLoRA (Dettmers et al. 2023): NF4 weights, optionally double-quantized
+    constants, matmuls in `compute_dtype`. Everything not quantized is kept in fp32."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("lora.method=qlora needs bitsandbytes: pip install 'lmforge[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lora.quant_type,
+                           bnb_4bit_use_double_quant=lora.double_quant,
+                           bnb_4bit_compute_dtype=_COMPUTE[lora.compute_dtype])
+    check_local_or_hub(path, "model")
+    return AutoModelForCausalLM.from_pretrained(  # type: ignore[no-any-return]
+        path, quantization_config=q, dtype=torch.float32, trust_remote_code=trust_remote_code)
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraCfg, new_token_ids: list[int],
+               gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """Wrap `model` in LoRA/DoRA adapters (peft); the base is frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    check_targets(model, lora.target_modules)
+    if lora.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing)
+    conf = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules, use_rslora=lora.rslora,
+        use_dora=lora.method == "dora", task_type="CAUSAL_LM",
+        trainable_token_indices=sorted(new_token_ids) if lora.train_new_tokens and new_token_ids else None,
+    )
+    return get_peft_model(model, conf)  # type: ignore[return-value]
+
+
+def merge_adapter(adapter_dir: Path, base: str | Path) -> PreTrainedModel:
+    """Base (full precision) + adapter -> one plain model. The base gets the rows of any tokens
+    the adapter's tokenizer added, built as in training (`add_rows_for_new_tokens`). For a
+    QLoRA adapter the base is the original weights, not their 4-bit version: the merged model
+    differs from the trained one by the base's quantization error, and gains its precision."""
+    from peft import PeftModel
+
+    from lmforge.tokenizer import load_tokenizer
+
+    model = load_model(base)
+    if (adapter_dir / "tokenizer_config.json").exists():
+        add_rows_for_new_tokens(model, len(load_tokenizer(adapter_dir)))
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot load adapter {adapter_dir}: {str(e).splitlines()[0]}") from None
+    return peft_model.merge_and_unload()  # type: ignore[no-any-return]
+
+
+def export_peft(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase, base: str) -> None:
+    """final/ of an adapter run: the merged model (loads anywhere, as is) plus `adapter/`."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp / "adapter")
+        tokenizer.save_pretrained(tmp / "adapter")
+        merged = merge_adapter(tmp / "adapter", base)
+        merged.generation_config = model.generation_config
+        merged.save_pretrained(tmp, safe_serialization=True)
+        _portable_config(tmp / "config.json")
+        tokenizer.save_pretrained(tmp)
+        make_portable(tmp)
+
+
+def merge_cli(adapter: Path, base: str | None, out: Path) -> None:
+    """`lmforge merge ADAPTER [--base B] --out DIR`: a standalone HF dir from base + adapter."""
+    conf = adapter / "adapter_config.json"
+    if not conf.is_file():
+        raise UserError(f"{adapter} is not an adapter directory (no adapter_config.json)")
+    base = base or json.loads(conf.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{conf} names no base model; pass --base")
+    merged = merge_adapter(adapter, base)
+    tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(base)
+    from lmforge.tokenizer import load_tokenizer
+
+    save_hf(merged, out, load_tokenizer(tok_src))
+    print(f"merged {adapter} into {base} -> {out}")

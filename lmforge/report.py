@@ -83,6 +83,40 @@ def pretrain_lines(name: str, s: dict[str, Any]) -> list[str]:
     ]
 
 
+def sft_lines(name: str, s: dict[str, Any]) -> list[str]:
+    """Method and cost, task pass@1 before/after per held-out group, forgetting."""
+    d = s.get("data", {})
+    tr = d.get("train", {})
+    lines = [
+        f"### {name}",
+        f"- {s.get('method')} fine-tuning of {s.get('model_type')}: {_fmt(s.get('trainable_params'))} "
+        f"of {_fmt(s.get('params'))} parameters train; template `{s.get('template')}`; "
+        f"{_fmt(s.get('steps'))} steps ({s.get('stopped')}, {_fmt(s.get('epochs'), '.2f')} epochs) "
+        f"in {_fmt(s.get('train_time_s'), '.0f')}s",
+        f"- data: {_fmt(tr.get('examples'))} examples packed into {_fmt(tr.get('rows'))} rows "
+        f"({_fmt(tr.get('row_fill'), '.1%')} full); truncated {tr.get('truncated', 0)}, "
+        f"dropped {tr.get('dropped_overlong', 0)} overlong + {tr.get('dropped_no_loss', 0)} "
+        f"without answer tokens; skipped rows {d.get('rows', {}).get('skipped') or 0}",
+        f"- final val loss on answer tokens: {_fmt(s.get('final_val_loss'))}",
+    ]
+    b, a = s.get("before", {}), s.get("after", {})
+    if "general_ppl" in a:
+        lines.append(f"- forgetting: general-text perplexity {_fmt(b.get('general_ppl'), '.2f')} "
+                     f"before -> {_fmt(a.get('general_ppl'), '.2f')} after")
+    pa, pb = a.get("pass_at_1"), b.get("pass_at_1", {})
+    if pa:
+        groups = list(pa["n_per_group"])
+        lines += ["", "| held-out pass@1 (greedy) | " + " | ".join(groups) + " |",
+                  "|---|" + "---:|" * len(groups),
+                  "| problems | " + " | ".join(str(pa["n_per_group"][g]) for g in groups) + " |"]
+        if pb:
+            lines.append("| before | " + " | ".join(_fmt(pb.get(g), ".1%") for g in groups) + " |")
+        lines.append("| after | " + " | ".join(_fmt(pa.get(g), ".1%") for g in groups) + " |")
+        lines += ["", "d1-d4: new instances (held out by seed) of compositions seen in training "
+                  "(none at d4: training stops at d3); unseen: compositions never trained on."]
+    return lines
+
+
 def sample_lines(final_dir: Path, cfg: PipelineCfg) -> list[str]:
     from lmforge.generate import SampleCfg, generate
     from lmforge.models import load_model
@@ -116,8 +150,11 @@ def write_report(root: Path, cfg: PipelineCfg, summaries: dict[str, dict[str, An
             lines += [f"## Corpus ({name})", "", *corpus_lines(s), ""]
         if stage_of[name] == "pretrain":
             lines += ["## Pretraining", "", *pretrain_lines(name, s), ""]
-    models = [Path(s["final_dir"]) for s in summaries.values()
-              if s.get("final_dir") and (Path(s["final_dir"]) / "config.json").exists()]
+        if stage_of[name] == "sft":
+            lines += ["## Supervised fine-tuning", "", *sft_lines(name, s), ""]
+    # raw-text continuations show what pretraining learned; chat models speak through templates
+    models = [Path(s["final_dir"]) for n, s in summaries.items() if stage_of[n] == "pretrain"
+              and s.get("final_dir") and (Path(s["final_dir"]) / "config.json").exists()]
     if models:
         lines += ["## Samples", "", *sample_lines(models[-1], cfg)]
     path = root / "report.md"

@@ -81,3 +81,27 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     r = run_cli("run", "configs/tiny.yaml", cwd=work)
     assert r.returncode == 0, r.stderr[-2000:]
     return work / "runs" / "tiny"
+
+
+CHAT_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
+                 "<|end|>"]
+
+
+def make_chat_tokenizer(out: Path):
+    """A byte-level BPE with lmforge's special tokens, trained on a few lines of code/prose."""
+    from lmforge.tokenizer import save_tokenizer, train_bpe
+
+    texts = ["def add(a, b):\n    return a + b\n", "Add 2 and 3. Be brief. Now 4?\n",
+             "Write a Python function that keeps the even numbers.\n"] * 20
+    tok = train_bpe(texts, 320, CHAT_SPECIALS, min_frequency=1)
+    return save_tokenizer(tok, out, bos_token="<|bos|>", eos_token="<|endoftext|>",
+                          pad_token="<|pad|>", extra_special_tokens=CHAT_SPECIALS[3:])
+
+
+@pytest.fixture
+def chat_tok(tmp_path_factory: pytest.TempPathFactory):
+    from lmforge.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("chat_tok")
+    make_chat_tokenizer(d)
+    return load_tokenizer(d)

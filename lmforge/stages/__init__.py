@@ -15,6 +15,7 @@ STAGES: dict[str, type[C.Cfg]] = {
     "corpus": C.CorpusCfg,
     "tokenizer": C.TokenizerCfg,
     "pretrain": C.PretrainCfg,
+    "sft": C.SftCfg,
 }
 
 

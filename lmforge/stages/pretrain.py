@@ -27,7 +27,7 @@ def lm_task(model: torch.nn.Module, train_w: TokenWindows, val_w: TokenWindows,
 
     def step(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         batch = batch.to(device)
-        logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
+        logits = model(input_ids=batch[:, :-1], use_cache=False).logits  # (B, T, V)
         loss, _ = causal_lm_loss(logits, batch[:, 1:])
         return loss, {}
 

@@ -96,6 +96,9 @@ def _prune(root: Path, keep_last: int) -> None:
 def load_weights(model: PreTrainedModel, ckpt: Path) -> None:
     """Load safetensors shards into `model` in place (the optimizer keeps its param refs).
     Tied weights are saved once, so only keys of tied parameters may be missing."""
+    if hasattr(model, "peft_config"):
+        _load_adapter(model, ckpt)
+        return
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:
         raise UserError(f"checkpoint {ckpt} has no .safetensors weights")
@@ -114,6 +117,27 @@ def load_weights(model: PreTrainedModel, ckpt: Path) -> None:
     if unexpected or untied:
         raise UserError(f"checkpoint {ckpt} does not match the model: missing {untied[:3]}, "
                         f"unexpected {list(unexpected)[:3]}")
+
+
+def _load_adapter(model: PreTrainedModel, ckpt: Path) -> None:
+    """An adapter run checkpoints only what trains (peft's adapter file); the frozen base is
+    rebuilt from its own source on resume."""
+    from peft import set_peft_model_state_dict
+
+    f = ckpt / "adapter_model.safetensors"
+    if not f.exists():
+        raise UserError(f"checkpoint {ckpt} has no adapter weights; set train.resume=never "
+                        "to start over")
+    try:
+        res = set_peft_model_state_dict(model, load_file(str(f)))
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {ckpt} does not match the adapter ({str(e).splitlines()[0]}); "
+                        "set train.resume=never to start over") from None
+    # with tied embeddings peft saves the trainable-token rows under both names but loads
+    # them through one (shared) parameter, so the head's copy comes back "unexpected"
+    unexpected = [k for k in res.unexpected_keys if not k.endswith("trainable_tokens_delta")]
+    if unexpected:
+        raise UserError(f"checkpoint {ckpt} does not match the adapter: unexpected {unexpected[:3]}")
 
 
 def load_checkpoint(ckpt: Path, model: PreTrainedModel) -> dict[str, Any]:

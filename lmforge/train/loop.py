@@ -47,6 +47,9 @@ class Task:
     tokens: Callable[[Batch], int] = lambda b: 0  # for tokens/s
     evaluate: Callable[[], dict[str, float]] | None = None  # must return "val_loss"
     flops_per_token: float = 0.0
+    # writes a loadable HF dir of the current weights (best/, final/); None: save_hf. Adapter
+    # runs use it to write the merged model next to the adapter.
+    export: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -259,6 +262,12 @@ class Trainer:
             row["loss_scale"] = self.precision.scaler.get_scale()
         return row
 
+    def export(self, out: Path) -> None:
+        if self.task.export is not None:
+            self.task.export(out)
+        else:
+            save_hf(self.model, out, self.tokenizer)
+
     # ------------------------------------------------------------------ eval
 
     def evaluate(self, progress: ProgressLog) -> bool:
@@ -277,7 +286,7 @@ class Trainer:
         if s.best_val is None or val < s.best_val:
             s.best_val, s.evals_since_best = val, 0
             if self.cfg.final == "best":
-                save_hf(self.model, self.run_dir / "best", self.tokenizer)
+                self.export(self.run_dir / "best")
         else:
             s.evals_since_best += 1
         return bool(self.cfg.patience) and s.evals_since_best >= self.cfg.patience
@@ -337,7 +346,7 @@ class Trainer:
             with atomic_dir(final) as tmp:
                 shutil.copytree(best, tmp, dirs_exist_ok=True)
         else:
-            save_hf(self.model, final, self.tokenizer)
+            self.export(final)
         s = self.state
         return Result(s.step, s.tokens, stopped, final, last, s.best_val, s.nonfinite_total,
                       train_time)

@@ -1,0 +1,1 @@
+"""Evaluation: code pass rates, perplexity, text metrics."""

@@ -1,0 +1,72 @@
+"""Greedy pass@1 on code-writing problems: generate with the chat template, run each answer
+against its tests in a subprocess (never in-process: it is model output), count passes."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmforge.chat import prompt_ids
+from lmforge.config import TaskEvalCfg
+from lmforge.generate import greedy_batch
+from lmforge.tasks.synthetic_code import Problem, Splits, extract_code, run_checks
+
+
+def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+           stop_ids: list[int], cfg: TaskEvalCfg, max_new_tokens: int) -> list[str]:
+    """Greedy answers to single-turn user prompts, rendered with the tokenizer's template."""
+    ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    was_training = model.training
+    model.eval()
+    outs = greedy_batch(model, ids, stop_ids, pad, max_new_tokens, cfg.batch_size)
+    model.train(was_training)
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def pass_at_1(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+              problems: Sequence[Problem], stop_ids: list[int], cfg: TaskEvalCfg,
+              autocast: Any = None) -> list[dict[str, Any]]:
+    """One row per problem: task_id, difficulty, status (passed|failed|timeout|error), answer.
+
+    Answers are cut at the longest reference solution plus 32 tokens (or `max_new_tokens`):
+    the base model never emits the end-of-turn token, and generating its full budget would
+    cost minutes for answers that are equally wrong when cut."""
+    longest = max(len(tokenizer(p.solution, add_special_tokens=False)["input_ids"]) for p in problems)
+    limit = min(cfg.max_new_tokens, longest + 32)
+    with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
+        texts = answer(model, tokenizer, [p.prompt for p in problems], stop_ids, cfg, limit)
+    statuses = run_checks([(extract_code(t), p.tests) for t, p in zip(texts, problems)],
+                          timeout=cfg.timeout_s, workers=cfg.workers)
+    return [{"task_id": p.task_id, "difficulty": p.difficulty, "composition": list(p.composition),
+             "status": s, "answer": t} for p, s, t in zip(problems, statuses, texts)]
+
+
+def eval_splits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Splits,
+                stop_ids: list[int], cfg: TaskEvalCfg,
+                autocast: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """pass@1 per held-out difficulty and on the unseen compositions."""
+    t0 = time.perf_counter()
+    groups = {f"d{d}": list(ps) for d, ps in sorted(splits.heldout.items())}
+    groups["unseen"] = list(splits.unseen)
+    everything = [p for ps in groups.values() for p in ps]
+    rows = pass_at_1(model, tokenizer, everything, stop_ids, cfg, autocast)
+    out: dict[str, Any] = {}
+    counts: dict[str, int] = defaultdict(int)
+    k = 0
+    for name, ps in groups.items():
+        part = rows[k:k + len(ps)]
+        k += len(ps)
+        for r in part:
+            r["group"] = name
+            counts[r["status"]] += 1
+        out[name] = sum(r["status"] == "passed" for r in part) / max(len(part), 1)
+    out["n_per_group"] = {name: len(ps) for name, ps in groups.items()}
+    out["statuses"] = dict(counts)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out, rows

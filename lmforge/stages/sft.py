@@ -1,0 +1,309 @@
+"""Supervised fine-tuning: chat data -> template -> assistant-only loss, packed rows, full
+fine-tuning or LoRA / DoRA / QLoRA, with forgetting measured and optionally held back.
+
+Reads top to bottom: model and template, data, forgetting controls, the step, the loop, then
+the evaluations the summary reports (task pass@1 and general perplexity, before and after).
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmforge.chat import (
+    ChatFormat,
+    install_format,
+    mark_loss_tokens,
+    render,
+    resolve_format,
+    stop_token_ids,
+)
+from lmforge.config import SftCfg
+from lmforge.data.chat_rows import Conversation, load_conversations
+from lmforge.data.sft import SftBatches, fit_length, lm_logits
+from lmforge.errors import UserError
+from lmforge.io import append_jsonl
+from lmforge.losses.lm import causal_lm_loss, token_kl
+from lmforge.models import (
+    add_rows_for_new_tokens,
+    apply_lora,
+    build_model,
+    config_summary,
+    export_peft,
+    load_model,
+    load_quantized,
+    resolve_model_dir,
+)
+from lmforge.tokenizer import load_tokenizer
+from lmforge.train.forgetting import Anchor, GeneralText, fisher_diagonal, merge_rows, perplexity
+from lmforge.train.loop import Task, train
+from lmforge.train.precision import make_precision
+
+SYNTHETIC = "synthetic_code"
+
+
+# --------------------------------------------------------------------------- model + template
+
+
+def load_tokenizer_and_format(cfg: SftCfg) -> tuple[PreTrainedTokenizerBase, ChatFormat, list[str]]:
+    src = cfg.model.path or cfg.data.tokenizer
+    if src is None:
+        raise UserError("sft: set model.path (a pretrained model) or data.tokenizer with model.preset")
+    tokenizer = load_tokenizer(src, cfg.model.trust_remote_code)
+    fmt = resolve_format(tokenizer, cfg.data.template)
+    added = install_format(tokenizer, fmt)
+    if tokenizer.pad_token_id is None:  # padding needs an id; it is never a target
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, fmt, added
+
+
+def load_sft_model(cfg: SftCfg, tokenizer: PreTrainedTokenizerBase,
+                   fmt: ChatFormat) -> PreTrainedModel:
+    method = cfg.lora.method
+    if method != "full" and cfg.model.path is None:
+        raise UserError(f"lora.method={method} adapts a pretrained model: set model.path")
+    if method == "qlora":
+        model = load_quantized(resolve_model_dir(cfg.model.path), cfg.lora, cfg.model.trust_remote_code)
+    else:
+        model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    add_rows_for_new_tokens(model, len(tokenizer))
+    # generation (HF, vLLM) stops at the template's end-of-turn token, saved with the model
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, fmt)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if method == "full":
+        return model
+    template_ids = [tokenizer.convert_tokens_to_ids(t) for t in fmt.special_tokens]
+    return apply_lora(model, cfg.lora, template_ids, cfg.model.gradient_checkpointing)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _hash_split(convs: list[Conversation], fraction: float) -> tuple[list[Conversation], list[Conversation]]:
+    """Deterministic train/val split by a hash of the content (stable across runs and order)."""
+    train, val = [], []
+    for c in convs:
+        key = "\x00".join(m["content"] for m in c.messages).encode()
+        (val if zlib.crc32(key) / 2**32 < fraction else train).append(c)
+    return train, val
+
+
+def load_data(cfg: SftCfg, splits: Any = None) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]], dict[str, Any]]:
+    d = cfg.data
+    if d.train is None:
+        raise UserError(f"sft: set data.train (a .jsonl/.json file, a hub dataset id, or {SYNTHETIC})")
+    stats: dict[str, Any] = {}
+    if d.train == SYNTHETIC:
+        train_p = (splits or _task_splits(cfg, force=True)).train
+        convs = [Conversation(({"role": "user", "content": p.prompt},
+                               {"role": "assistant", "content": p.solution}), p.task_id)
+                 for p in train_p]
+        stats["rows"] = {"source": SYNTHETIC, "rows": len(convs), "kept": len(convs)}
+    else:
+        convs, st = load_conversations(d.train, d.format, split=d.split,
+                                       skip_invalid=d.skip_invalid, limit=d.limit)
+        stats["rows"] = {"source": d.train, "format": st.format, "rows": st.rows, "kept": st.kept,
+                         "skipped": st.skipped}
+    if d.val is not None:
+        val, st = load_conversations(d.val, d.format, split=d.split, skip_invalid=d.skip_invalid)
+        stats["val_rows"] = {"source": d.val, "kept": st.kept, "skipped": st.skipped}
+        train_c = convs
+    else:
+        train_c, val = _hash_split(convs, d.val_fraction)
+    as_msgs = lambda cs: [list(c.messages) for c in cs]  # noqa: E731
+    return as_msgs(train_c), as_msgs(val), stats
+
+
+def build_batches(convs: list[list[dict[str, str]]], tokenizer: PreTrainedTokenizerBase,
+                  cfg: SftCfg, what: str) -> tuple[SftBatches, dict[str, Any]]:
+    d = cfg.data
+    examples, fit = fit_length(render(tokenizer, convs, d.train_on_prompt), d.max_length, d.truncation)
+    if not examples:
+        raise UserError(f"sft: no {what} example fits data.max_length={d.max_length} "
+                        f"({fit.dropped_overlong} too long, {fit.dropped_no_loss} without answer tokens)")
+    b = SftBatches(examples, d.max_length, d.packing, cfg.train.seed, tokenizer.pad_token_id)
+    return b, {"examples": fit.examples, "truncated": fit.truncated,
+               "dropped_overlong": fit.dropped_overlong, "dropped_no_loss": fit.dropped_no_loss,
+               "rows": len(b.rows), "row_fill": round(b.fill, 4),
+               "loss_tokens": sum(sum(e.loss_mask[1:]) for e in examples)}
+
+
+def preview(cfg: SftCfg, n: int) -> None:
+    """Print `n` rendered training examples; [[...]] marks the tokens the loss sees."""
+    tokenizer, fmt, _ = load_tokenizer_and_format(cfg)
+    convs, _, _ = load_data(cfg)
+    print(f"template: {fmt.name}; loss on {'every token' if cfg.data.train_on_prompt else '[[assistant]] tokens'}")
+    for i, r in enumerate(render(tokenizer, convs[:n], cfg.data.train_on_prompt)):
+        print(f"----- example {i} ({len(r.ids)} tokens, {sum(r.loss_mask)} in the loss)")
+        print(mark_loss_tokens(tokenizer, r))
+
+
+# --------------------------------------------------------------------------- the task
+
+
+def sft_task(model: PreTrainedModel, train_b: SftBatches, val_b: SftBatches, cfg: SftCfg,
+             device: torch.device, general: GeneralText | None, pad_id: int,
+             anchor: Anchor | None) -> Task:
+    t, f = cfg.train, cfg.forgetting
+    n_replay = max(1, round(f.replay_fraction * t.micro_batch_size)) if f.replay_fraction else 0
+    if n_replay and general is None:
+        raise UserError("forgetting.replay_fraction needs forgetting.general (a corpus stage dir)")
+    ref = None
+    if f.kl_coef and cfg.lora.method == "full":  # adapters get their base back by disabling
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def ref_logits(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            if ref is not None:
+                return lm_logits(ref, b)
+            with model.disable_adapter():  # type: ignore[attr-defined]
+                return lm_logits(model, b)
+
+    def step(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        b = {k: v.to(device) for k, v in b.items()}
+        logits = lm_logits(model, b)  # (B, T, V)
+        loss, _ = causal_lm_loss(logits, b["targets"], b["loss_mask"])
+        metrics: dict[str, float] = {"lm_loss": float(loss.detach())}
+        if f.kl_coef:
+            kl, _ = token_kl(logits, ref_logits(b), b["valid"])
+            loss = loss + f.kl_coef * kl
+            metrics["kl"] = float(kl.detach())
+        if anchor is not None:
+            pen, m = anchor.penalty()
+            loss = loss + pen
+            metrics.update(m)
+        return loss, metrics
+
+    def batches(n: int) -> list[dict[str, torch.Tensor]]:
+        micro = train_b.micro_batches(n, t.micro_batch_size - n_replay, t.grad_accum)
+        if not n_replay:
+            return micro
+        return [merge_rows(m, general.replay_rows(t.seed, n * t.grad_accum + i, n_replay), pad_id)  # type: ignore[union-attr]
+                for i, m in enumerate(micro)]
+
+    val_batches = val_b.eval_batches(t.micro_batch_size)
+
+    def evaluate() -> dict[str, float]:
+        total = count = 0.0
+        for b in val_batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            logits = lm_logits(model, b)
+            loss, m = causal_lm_loss(logits, b["targets"], b["loss_mask"])
+            total += float(loss) * m["n_tokens"]
+            count += m["n_tokens"]
+        out = {"val_loss": total / max(count, 1.0)}
+        if general is not None:
+            out["general_ppl"] = perplexity(model, general.val, f.eval_batches, t.micro_batch_size, device)
+        return out
+
+    ntok = lambda b: float(b["loss_mask"].sum())  # noqa: E731
+    return Task(step=step, batches=batches, weight=ntok, tokens=lambda b: int(b["valid"].sum()),
+                evaluate=evaluate)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(cfg: SftCfg) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    tokenizer, fmt, added = load_tokenizer_and_format(cfg)
+    splits = _task_splits(cfg)
+    train_c, val_c, data_stats = load_data(cfg, splits)
+    if not val_c:
+        raise UserError("sft: the validation split is empty; raise data.val_fraction or set data.val")
+    train_b, data_stats["train"] = build_batches(train_c, tokenizer, cfg, "training")
+    val_b, data_stats["val"] = build_batches(val_c, tokenizer, cfg, "validation")
+    model = load_sft_model(cfg, tokenizer, fmt).to(device)
+    info = config_summary(model)
+    print(f"sft: {cfg.lora.method} on {info['model_type']}, template {fmt.name}"
+          f"{' (+' + ', '.join(added) + ')' if added else ''}; trainable {info['trainable_params']:,} "
+          f"of {info['params']:,} params ({info['trainable_params'] / info['params']:.2%}); "
+          f"{len(train_b.rows):,} rows of {data_stats['train']['examples']:,} examples, "
+          f"{train_b.epochs(cfg.train.max_steps, cfg.train.micro_batch_size, cfg.train.grad_accum):.2f} epochs")
+
+    f = cfg.forgetting
+    general = (GeneralText.from_corpus(f.general, tokenizer, cfg.run.dir / "general", f.seq_len)
+               if f.general is not None else None)
+    if (f.ewc_coef or f.l2sp_coef) and general is None and f.ewc_coef:
+        raise UserError("forgetting.ewc_coef needs forgetting.general (base-model data for the Fisher)")
+    anchor = None
+    if f.ewc_coef:
+        params = [p for p in model.parameters() if p.requires_grad]
+        anchor = Anchor.of(model, f.ewc_coef, fisher_diagonal(model, params, general.train,  # type: ignore[union-attr]
+                                                              f.fisher_batches, cfg.train.seed, device))
+    elif f.l2sp_coef:
+        anchor = Anchor.of(model, f.l2sp_coef)
+
+    precision = make_precision(cfg.train.precision, device.type)
+    before: dict[str, Any] = {}
+    if general is not None:
+        with precision.autocast():
+            before["general_ppl"] = perplexity(model, general.val, f.eval_batches,
+                                               cfg.train.micro_batch_size, device)
+    if splits is not None and cfg.eval.task == SYNTHETIC and cfg.eval.before:
+        before["pass_at_1"] = _pass_at_1(model, tokenizer, fmt, splits, cfg, precision, "before")
+
+    task = sft_task(model, train_b, val_b, cfg, device, general, tokenizer.pad_token_id, anchor)
+    if cfg.lora.method != "full":
+        base = resolve_model_dir(cfg.model.path)  # type: ignore[arg-type]
+        task.export = lambda out: export_peft(model, out, tokenizer, base)
+    res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
+
+    # everything "after" is measured on what was shipped: final/ as loaded from disk
+    final_model = load_model(res.final_dir).to(device)
+    final_tok = load_tokenizer(res.final_dir)
+    after: dict[str, Any] = {}
+    if general is not None:
+        with precision.autocast():
+            after["general_ppl"] = perplexity(final_model, general.val, f.eval_batches,
+                                              cfg.train.micro_batch_size, device)
+    if splits is not None and cfg.eval.task == SYNTHETIC:
+        after["pass_at_1"] = _pass_at_1(final_model, final_tok, fmt, splits, cfg, precision, "after")
+    return {
+        **info,
+        "method": cfg.lora.method,
+        "template": fmt.name,
+        "added_tokens": added,
+        "data": data_stats,
+        "steps": res.steps,
+        "stopped": res.stopped,
+        "epochs": round(train_b.epochs(res.steps, cfg.train.micro_batch_size, cfg.train.grad_accum), 3),
+        "tokens": res.tokens,
+        "train_time_s": round(res.train_time_s, 2),
+        "final_train_loss": res.last.get("lm_loss", res.last.get("loss")),
+        "final_val_loss": res.best_val_loss,
+        "before": before,
+        "after": after,
+        "nonfinite_skipped": res.nonfinite_skipped,
+        "final_dir": str(res.final_dir),
+    }
+
+
+def _task_splits(cfg: SftCfg, force: bool = False) -> Any:
+    if not force and cfg.eval.task != SYNTHETIC and cfg.data.train != SYNTHETIC:
+        return None
+    from lmforge.tasks.synthetic_code import make_splits
+
+    t = cfg.task
+    return make_splits(t.seed, t.n_train, t.n_eval)
+
+
+def _pass_at_1(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat,
+               splits: Any, cfg: SftCfg, precision: Any, when: str) -> dict[str, Any]:
+    from lmforge.eval.codegen import eval_splits
+
+    summary, rows = eval_splits(model, tokenizer, splits, stop_token_ids(tokenizer, fmt),
+                                cfg.eval, precision.autocast())
+    path = cfg.run.dir / f"eval_{when}.jsonl"
+    path.unlink(missing_ok=True)
+    for r in rows:
+        append_jsonl(path, r)
+    groups = ", ".join(f"{k} {summary[k]:.1%}" for k in summary["n_per_group"])
+    print(f"sft: pass@1 {when}: {groups} ({summary['seconds']:.0f}s)")
+    return summary

@@ -1,0 +1,1 @@
+"""Task generators and checkers: procedurally generated problems with executable tests."""
