@@ -194,6 +194,7 @@ class TaskEvalCfg(Cfg):
     timeout_s: float = Field(5.0, gt=0)
     workers: int = Field(2, ge=1)
     before: bool = True  # also measure the base model
+    signature_prefill: bool = True  # the answer starts at `def name(arg):` (HumanEval-style)
 
 
 class SftCfg(Cfg):

@@ -154,8 +154,9 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)  # 4-bit: 2 per byte
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
 
 

@@ -18,15 +18,25 @@ from lmforge.tasks.synthetic_code import Problem, Splits, extract_code, run_chec
 
 
 def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-           stop_ids: list[int], cfg: TaskEvalCfg, max_new_tokens: int) -> list[str]:
-    """Greedy answers to single-turn user prompts, rendered with the tokenizer's template."""
-    ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+           stop_ids: list[int], cfg: TaskEvalCfg, max_new_tokens: int,
+           prefills: Sequence[str] | None = None) -> list[str]:
+    """Greedy answers to single-turn user prompts, rendered with the tokenizer's template.
+    A prefill is put in the assistant's mouth first and is part of the returned answer."""
+    prefills = prefills or [""] * len(prompts)
+    ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}])
+           + tokenizer(f, add_special_tokens=False)["input_ids"] for p, f in zip(prompts, prefills)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     was_training = model.training
     model.eval()
     outs = greedy_batch(model, ids, stop_ids, pad, max_new_tokens, cfg.batch_size)
     model.train(was_training)
-    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+    return [f + tokenizer.decode(o, skip_special_tokens=True) for f, o in zip(prefills, outs)]
+
+
+def signature(p: Problem) -> str:
+    """`def name(arg):` without its newline: the newline merges with the next line's indent
+    into one token in training, so a prefill ending in a bare newline would be off-grid."""
+    return p.solution.splitlines()[0]
 
 
 def pass_at_1(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -34,13 +44,18 @@ def pass_at_1(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
               autocast: Any = None) -> list[dict[str, Any]]:
     """One row per problem: task_id, difficulty, status (passed|failed|timeout|error), answer.
 
-    Answers are cut at the longest reference solution plus 32 tokens (or `max_new_tokens`):
+    With `cfg.signature_prefill` the answer starts from the function's signature, as
+    HumanEval's prompts do: the model writes the body, not the name (copying a random
+    name out of a sentence is a skill of its own that a few-million-parameter model lacks).
+
+    Answers are cut at the longest reference solution plus 8 tokens (or `max_new_tokens`):
     the base model never emits the end-of-turn token, and generating its full budget would
     cost minutes for answers that are equally wrong when cut."""
     longest = max(len(tokenizer(p.solution, add_special_tokens=False)["input_ids"]) for p in problems)
-    limit = min(cfg.max_new_tokens, longest + 32)
+    limit = min(cfg.max_new_tokens, longest + 8)
+    prefills = [signature(p) for p in problems] if cfg.signature_prefill else None
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-        texts = answer(model, tokenizer, [p.prompt for p in problems], stop_ids, cfg, limit)
+        texts = answer(model, tokenizer, [p.prompt for p in problems], stop_ids, cfg, limit, prefills)
     statuses = run_checks([(extract_code(t), p.tests) for t, p in zip(texts, problems)],
                           timeout=cfg.timeout_s, workers=cfg.workers)
     return [{"task_id": p.task_id, "difficulty": p.difficulty, "composition": list(p.composition),
