@@ -24,7 +24,10 @@ RUNS = {
     "full, lr 3e-3": ["lora.method=full", "optim.lr=3e-3"],
     "lora r32, lr 3e-3, template tokens frozen": ["lora.method=lora", "lora.r=32", "lora.alpha=64",
                                                   "optim.lr=3e-3", "lora.train_new_tokens=false"],
+    "lora r32, lr 3e-3": ["lora.method=lora", "lora.r=32", "lora.alpha=64", "optim.lr=3e-3"],
+    "lora r32, lr 5e-3": ["lora.method=lora", "lora.r=32", "lora.alpha=64", "optim.lr=5e-3"],
     "lora r32, lr 1e-2": ["lora.method=lora", "lora.r=32", "lora.alpha=64", "optim.lr=1e-2"],
+    "qlora r32, lr 3e-3": ["lora.method=qlora", "lora.r=32", "lora.alpha=64", "optim.lr=3e-3"],
     "qlora r32, lr 1e-2": ["lora.method=qlora", "lora.r=32", "lora.alpha=64", "optim.lr=1e-2"],
 }
 

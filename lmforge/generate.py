@@ -39,17 +39,23 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
 
 @torch.no_grad()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-             cfg: SampleCfg) -> list[str]:
+             cfg: SampleCfg, chat: bool = False) -> list[str]:
     """Continue each prompt; returns only the new text. The prompt starts after an
-    end-of-text token, as every document did in pretraining (GPT-2's convention too)."""
+    end-of-text token, as every document did in pretraining (GPT-2's convention too). With
+    `chat`, each prompt is a user turn rendered with the tokenizer's chat template, and
+    generation stops at the model's end-of-turn ids (its generation_config)."""
     cfg.check()
     device = next(model.parameters()).device
     start = tokenizer.eos_token_id
     outs = []
     for i, prompt in enumerate(prompts):
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if start is not None:
-            ids = [start, *ids]
+        if chat:  # the template the model was fine-tuned with, saved in its tokenizer files
+            from lmforge.chat import prompt_ids
+
+            ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+        else:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = [start, *ids] if start is not None else ids
         x = torch.tensor([ids], device=device)
         torch.manual_seed(cfg.seed + i)  # HF sampling draws from the global generator
         sample = cfg.temperature > 0
@@ -75,8 +81,12 @@ def generate_cli(ns: argparse.Namespace) -> None:
     model = load_model(ns.model)
     model.eval()
     tokenizer = load_tokenizer(ns.model)
-    for prompt, text in zip(ns.prompt or [""], generate(model, tokenizer, ns.prompt or [""], cfg)):
-        print(prompt + text)
+    if ns.chat and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{ns.model}: --chat needs a chat template in the tokenizer files "
+                        "(models from `lmforge sft` carry theirs)")
+    prompts = ns.prompt or [""]
+    for prompt, text in zip(prompts, generate(model, tokenizer, prompts, cfg, chat=ns.chat)):
+        print(text if ns.chat else prompt + text)
         print("-" * 40)
 
 

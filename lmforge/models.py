@@ -7,6 +7,7 @@ so `save_hf` writes the config keys both generations read (see `_portable_config
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ from lmforge.tokenizer import make_portable
 
 # per-shard load/save bars drown the loop's own progress on small models
 hf_logging.disable_progress_bar()
+# bitsandbytes (imported by peft) warns on every import that it cannot fetch an optional CPU
+# kernel from the hub; its fallback is what runs, so the warning says nothing actionable
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -214,11 +218,16 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def check_targets(model: nn.Module, targets: list[str] | str) -> None:
+    """Each target must name (as peft matches: whole name or last parts) a layer LoRA adapts:
+    a linear layer or an embedding. A block such as `mlp` is not one."""
+    from transformers.pytorch_utils import Conv1D
+
     if targets == "all-linear":
         return
-    modules = [n for n, _ in model.named_modules()]
+    adaptable = [n for n, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, Conv1D, nn.Embedding)) or type(m).__name__ == "Linear4bit"]
     for t in targets:
-        if not any(n == t or n.endswith("." + t) for n in modules):
+        if not any(n == t or n.endswith("." + t) for n in adaptable):
             raise UserError(f"lora.target_modules: {t!r} matches no module; linear layers are: "
                             f"{', '.join(linear_module_names(model))}")
 

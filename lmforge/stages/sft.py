@@ -149,7 +149,7 @@ def sft_task(model: PreTrainedModel, train_b: SftBatches, val_b: SftBatches, cfg
              device: torch.device, general: GeneralText | None, pad_id: int,
              anchor: Anchor | None) -> Task:
     t, f = cfg.train, cfg.forgetting
-    n_replay = max(1, round(f.replay_fraction * t.micro_batch_size)) if f.replay_fraction else 0
+    n_replay = replay_rows(cfg)
     if n_replay and general is None:
         raise UserError("forgetting.replay_fraction needs forgetting.general (a corpus stage dir)")
     ref = None
@@ -205,6 +205,33 @@ def sft_task(model: PreTrainedModel, train_b: SftBatches, val_b: SftBatches, cfg
                 evaluate=evaluate)
 
 
+def replay_rows(cfg: SftCfg) -> int:
+    """Rows of general text in each micro-batch (the rest are fine-tuning rows)."""
+    f, micro = cfg.forgetting, cfg.train.micro_batch_size
+    if not f.replay_fraction:
+        return 0
+    n = max(1, round(f.replay_fraction * micro))
+    if n >= micro:
+        raise UserError(f"forgetting.replay_fraction={f.replay_fraction} leaves no fine-tuning "
+                        f"rows in a micro-batch of {micro}; lower it or raise train.micro_batch_size")
+    return n
+
+
+def forgetting_setup(cfg: SftCfg, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                     device: torch.device) -> tuple[GeneralText | None, Anchor | None]:
+    """The general text (monitor, replay, Fisher) and the weight anchor (L2-SP or EWC)."""
+    f = cfg.forgetting
+    general = (GeneralText.from_corpus(f.general, tokenizer, cfg.run.dir / "general", f.seq_len)
+               if f.general is not None else None)
+    if f.ewc_coef:
+        if general is None:
+            raise UserError("forgetting.ewc_coef needs forgetting.general (base-model data for the Fisher)")
+        params = [p for p in model.parameters() if p.requires_grad]
+        fisher = fisher_diagonal(model, params, general.train, f.fisher_batches, cfg.train.seed, device)
+        return general, Anchor.of(model, f.ewc_coef, fisher)
+    return general, Anchor.of(model, f.l2sp_coef) if f.l2sp_coef else None
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -221,25 +248,15 @@ def main(cfg: SftCfg) -> dict[str, Any]:
     val_b, data_stats["val"] = build_batches(val_c, tokenizer, cfg, "validation")
     model = load_sft_model(cfg, tokenizer, fmt).to(device)
     info = config_summary(model)
+    sft_micro = cfg.train.micro_batch_size - replay_rows(cfg)
     print(f"sft: {cfg.lora.method} on {info['model_type']}, template {fmt.name}"
           f"{' (+' + ', '.join(added) + ')' if added else ''}; trainable {info['trainable_params']:,} "
           f"of {info['params']:,} params ({info['trainable_params'] / info['params']:.2%}); "
           f"{len(train_b.rows):,} rows of {data_stats['train']['examples']:,} examples, "
-          f"{train_b.epochs(cfg.train.max_steps, cfg.train.micro_batch_size, cfg.train.grad_accum):.2f} epochs")
+          f"{train_b.epochs(cfg.train.max_steps, sft_micro, cfg.train.grad_accum):.2f} epochs")
 
     f = cfg.forgetting
-    general = (GeneralText.from_corpus(f.general, tokenizer, cfg.run.dir / "general", f.seq_len)
-               if f.general is not None else None)
-    if (f.ewc_coef or f.l2sp_coef) and general is None and f.ewc_coef:
-        raise UserError("forgetting.ewc_coef needs forgetting.general (base-model data for the Fisher)")
-    anchor = None
-    if f.ewc_coef:
-        params = [p for p in model.parameters() if p.requires_grad]
-        anchor = Anchor.of(model, f.ewc_coef, fisher_diagonal(model, params, general.train,  # type: ignore[union-attr]
-                                                              f.fisher_batches, cfg.train.seed, device))
-    elif f.l2sp_coef:
-        anchor = Anchor.of(model, f.l2sp_coef)
-
+    general, anchor = forgetting_setup(cfg, model, tokenizer, device)
     precision = make_precision(cfg.train.precision, device.type)
     before: dict[str, Any] = {}
     if general is not None:
@@ -273,7 +290,7 @@ def main(cfg: SftCfg) -> dict[str, Any]:
         "data": data_stats,
         "steps": res.steps,
         "stopped": res.stopped,
-        "epochs": round(train_b.epochs(res.steps, cfg.train.micro_batch_size, cfg.train.grad_accum), 3),
+        "epochs": round(train_b.epochs(res.steps, sft_micro, cfg.train.grad_accum), 3),
         "tokens": res.tokens,
         "train_time_s": round(res.train_time_s, 2),
         "final_train_loss": res.last.get("lm_loss", res.last.get("loss")),

@@ -413,8 +413,7 @@ def make_problem(composition: Sequence[str], rng: random.Random, task_id: str,
         cases = _draw_cases(fn, mutants, first.in_type, last.out_type, rng, n_tests, hints)
         if cases is not None:
             return Problem(task_id, len(composition), tuple(composition),
-                           # no backticks: " name" then tokenizes as in "def name(",
-                           # so writing the name is a copy of the same tokens
+                           # no backticks: " name" tokenizes as in "def name("
                            f"Write a Python function {entry}({arg}) that {steps}.", entry,
                            solution, tuple(f"assert {entry}({x!r}) == {y!r}" for x, y in cases))
     return None

@@ -120,3 +120,27 @@ def test_preview_marks_the_loss_tokens(tiny_run: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "<|im_start|>assistant\n[[2<|im_end|>]]" in r.stdout and "example 0" in r.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_chat_uses_the_saved_template_like_the_eval(tiny_run: Path) -> None:
+    """`generate --chat` and the pass@1 eval render the same prompt and stop at the same
+    tokens, so greedy answers agree; a model without a template is refused (exit 2)."""
+    from lmforge.generate import SampleCfg, generate, greedy_batch
+    from lmforge.models import load_model
+    from lmforge.tokenizer import load_tokenizer
+
+    final = tiny_run / "sft" / "final"
+    model, tok = load_model(final).eval(), load_tokenizer(final)
+    prompt = "Write a Python function add_one(xs) that adds 1 to each number."
+    text = generate(model, tok, [prompt], SampleCfg(max_new_tokens=12, temperature=0.0), chat=True)[0]
+    from lmforge.chat import prompt_ids
+
+    stop = list(model.generation_config.eos_token_id)
+    ids = greedy_batch(model, [prompt_ids(tok, [{"role": "user", "content": prompt}])], stop,
+                       tok.pad_token_id, 12)[0]
+    assert text == tok.decode(ids, skip_special_tokens=True)
+    r = run_cli("generate", str(final), "--chat", "--prompt", prompt, "--temperature", "0",
+                "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("generate", str(tiny_run / "pretrain" / "final"), "--chat", "--prompt", "x")
+    assert r.returncode == 2 and "needs a chat template" in r.stderr
