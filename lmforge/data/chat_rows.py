@@ -96,16 +96,21 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _string(row: dict[str, Any], key: str, where: str, path: str = "") -> str:
-    """A required string field; null counts as missing (see the module docstring)."""
+def _required(row: dict[str, Any], key: str, where: str, kind: type, label: str,
+              path: str = "") -> Any:
+    """A required field of type `kind`; null counts as missing (see the module docstring)."""
     path = path or key
     value = row.get(key)
     if value is None:
         keys = ", ".join(sorted(map(str, row))) or "none"
         raise _bad(where, path, "missing field", f"keys found: {keys}")
-    if not isinstance(value, str):
-        raise _bad(where, path, "wrong type", f"expected a string, got {_type_name(value)}")
+    if not isinstance(value, kind):
+        raise _bad(where, path, "wrong type", f"expected {label}, got {_type_name(value)}")
     return value
+
+
+def _string(row: dict[str, Any], key: str, where: str, path: str = "") -> str:
+    return _required(row, key, where, str, "a string", path)  # type: ignore[no-any-return]
 
 
 def _optional_string(row: dict[str, Any], key: str, where: str) -> str:
@@ -124,12 +129,7 @@ def _check_assistant(content: str, where: str, path: str) -> None:
 
 def _messages(row: dict[str, Any], where: str) -> list[Message]:
     key = "messages" if "messages" in row or "conversations" not in row else "conversations"
-    items = row.get(key)
-    if items is None:
-        keys = ", ".join(sorted(map(str, row))) or "none"
-        raise _bad(where, key, "missing field", f"keys found: {keys}")
-    if not isinstance(items, list):
-        raise _bad(where, key, "wrong type", f"expected a list of messages, got {_type_name(items)}")
+    items = _required(row, key, where, list, "a list of messages")
     out: list[Message] = []
     for i, item in enumerate(items):
         at = f"{key}[{i}]"
