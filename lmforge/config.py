@@ -128,13 +128,18 @@ class TokenizerCfg(Cfg):
     max_train_bytes: int | None = Field(None, ge=1)  # cap on text the trainer sees
 
 
-class PretrainCfg(Cfg):
+class TrainingCfg(Cfg):
+    """The parts every stage that runs the training loop shares."""
+
     run: RunCfg = RunCfg()
     model: ModelCfg = ModelCfg()
-    data: DataCfg = DataCfg()
     optim: OptimCfg = OptimCfg()
     train: TrainCfg = TrainCfg()
     log: LogCfg = LogCfg()
+
+
+class PretrainCfg(TrainingCfg):
+    data: DataCfg = DataCfg()
 
 
 class LoraCfg(Cfg):
@@ -197,23 +202,14 @@ class TaskEvalCfg(Cfg):
     signature_prefill: bool = True  # the answer starts at `def name(arg):` (HumanEval-style)
 
 
-class SftCfg(Cfg):
-    run: RunCfg = RunCfg()
-    model: ModelCfg = ModelCfg(preset=None)
+class SftCfg(TrainingCfg):
+    model: ModelCfg = ModelCfg(preset=None)  # fine-tuning starts from model.path
+    optim: OptimCfg = OptimCfg(lr=1e-4, weight_decay=0.0)
     data: ChatDataCfg = ChatDataCfg()
     lora: LoraCfg = LoraCfg()
-    optim: OptimCfg = OptimCfg(lr=1e-4, weight_decay=0.0)
-    train: TrainCfg = TrainCfg()
-    log: LogCfg = LogCfg()
     forgetting: ForgettingCfg = ForgettingCfg()
     task: SyntheticTaskCfg = SyntheticTaskCfg()
     eval: TaskEvalCfg = TaskEvalCfg()
-
-
-class MergeCfg(Cfg):
-    adapter: Path  # a dir holding adapter_config.json (e.g. runs/x/sft/final/adapter)
-    base: str | None = None  # default: the adapter's base_model_name_or_path
-    out: Path
 
 
 class ReportCfg(Cfg):

@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 from lmforge.config import LoraCfg, ModelCfg
 from lmforge.errors import UserError
 from lmforge.io import atomic_dir, check_local_or_hub
-from lmforge.tokenizer import make_portable
+from lmforge.tokenizer import load_tokenizer, make_portable
 
 # per-shard load/save bars drown the loop's own progress on small models
 hf_logging.disable_progress_bar()
@@ -128,11 +128,15 @@ def save_hf(model: PreTrainedModel, out: Path,
             tokenizer: PreTrainedTokenizerBase | None = None) -> None:
     """Write an HF directory atomically (temp dir, then rename): safetensors + portable config."""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        _portable_config(tmp / "config.json")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-            make_portable(tmp)
+        _write_hf(model, tmp, tokenizer)
+
+
+def _write_hf(model: PreTrainedModel, d: Path, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    model.save_pretrained(d, safe_serialization=True)
+    _portable_config(d / "config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(d)
+        make_portable(d)
 
 
 def _portable_config(path: Path) -> None:
@@ -277,8 +281,6 @@ def merge_adapter(adapter_dir: Path, base: str | Path) -> PreTrainedModel:
     differs from the trained one by the base's quantization error, and gains its precision."""
     from peft import PeftModel
 
-    from lmforge.tokenizer import load_tokenizer
-
     model = load_model(base)
     if (adapter_dir / "tokenizer_config.json").exists():
         add_rows_for_new_tokens(model, len(load_tokenizer(adapter_dir)))
@@ -296,10 +298,7 @@ def export_peft(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase,
         tokenizer.save_pretrained(tmp / "adapter")
         merged = merge_adapter(tmp / "adapter", base)
         merged.generation_config = model.generation_config
-        merged.save_pretrained(tmp, safe_serialization=True)
-        _portable_config(tmp / "config.json")
-        tokenizer.save_pretrained(tmp)
-        make_portable(tmp)
+        _write_hf(merged, tmp, tokenizer)
 
 
 def merge_cli(adapter: Path, base: str | None, out: Path) -> None:
@@ -312,7 +311,5 @@ def merge_cli(adapter: Path, base: str | None, out: Path) -> None:
         raise UserError(f"{conf} names no base model; pass --base")
     merged = merge_adapter(adapter, base)
     tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(base)
-    from lmforge.tokenizer import load_tokenizer
-
     save_hf(merged, out, load_tokenizer(tok_src))
     print(f"merged {adapter} into {base} -> {out}")

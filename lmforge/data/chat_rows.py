@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmforge.config import SourceCfg
-from lmforge.data.sources import list_files
+from lmforge.data.sources import invalid_json, jsonl_lines, list_files
 from lmforge.errors import UserError
 from lmforge.io import check_local_or_hub
 
@@ -194,19 +194,16 @@ def detect_format(row: dict[str, Any]) -> str | None:
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, row) pairs; a line that is not JSON yields an InvalidRow in place of a row,
     so the caller can count it or raise it like any other invalid row."""
+    for lineno, row in jsonl_lines(_read_text(path)):
+        where = f"{path}:{lineno}"
+        yield where, (InvalidRow("invalid json", invalid_json(where, row))
+                      if isinstance(row, json.JSONDecodeError) else row)
+
+
+def _read_text(path: Path) -> str:
+    """The file as text; utf-8-sig: a BOM is an encoding mark, not content."""
     try:
-        # utf-8-sig: a BOM is an encoding mark, not content. Iterating the file (not
-        # str.splitlines) splits on newlines only, never on U+2028 inside a JSON string.
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    yield where, json.loads(line.rstrip("\n"))
-                except json.JSONDecodeError as e:
-                    yield where, InvalidRow(
-                        "invalid json", f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"{path}: not valid UTF-8") from None
     except OSError as e:
@@ -214,12 +211,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
+    text = _read_text(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not valid UTF-8") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         # The usual cause of "Extra data" at line 2 is JSON Lines saved as .json.
         hint = "; is it JSON Lines? name it .jsonl" if e.msg == "Extra data" else ""

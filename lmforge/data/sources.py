@@ -30,6 +30,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lmforge.config import SourceCfg
 from lmforge.errors import UserError
@@ -141,16 +142,29 @@ def _decode(data: bytes) -> str | None:
     return text.removeprefix("\ufeff")  # a BOM is an encoding mark, not content
 
 
-def parse_jsonl(text: str, path: Path, text_field: str) -> list[Document]:
-    docs = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+def jsonl_lines(text: str) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, the parsed value or its JSONDecodeError) per non-blank line.
+    Splits on "\n" only: str.splitlines also breaks on U+2028 and its kin, which a JSON
+    string may hold unescaped, and would cut such a line in two."""
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
-            row = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            yield lineno, e
+
+
+def invalid_json(where: str, e: json.JSONDecodeError) -> str:
+    return f"{where}: invalid JSON ({e.msg} at column {e.colno})"
+
+
+def parse_jsonl(text: str, path: Path, text_field: str) -> list[Document]:
+    docs = []
+    for lineno, row in jsonl_lines(text):
+        where = f"{path}:{lineno}"
+        if isinstance(row, json.JSONDecodeError):
+            raise UserError(invalid_json(where, row))
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object with a {text_field!r} field, got {type(row).__name__}")
         if text_field not in row:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -59,3 +62,14 @@ def token_kl(
         total = total + (kl * m[i : i + chunk_rows]).sum()
     n = float(m.sum())
     return total / max(n, 1.0), {"kl_tokens": n}
+
+
+def token_mean(batches: Iterable[Any], loss_of: Callable[[Any], tuple[torch.Tensor, dict[str, float]]]) -> float:
+    """Mean loss per token over batches of unequal token counts: each batch's mean loss weighed
+    by its `n_tokens` (a mean of batch means would overweight short batches)."""
+    total = count = 0.0
+    for b in batches:
+        loss, m = loss_of(b)
+        total += float(loss) * m["n_tokens"]
+        count += m["n_tokens"]
+    return total / max(count, 1.0)

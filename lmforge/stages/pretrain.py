@@ -14,7 +14,7 @@ import torch
 from lmforge.config import PretrainCfg
 from lmforge.data.pack import TokenWindows, pack_corpus, unigram_entropy
 from lmforge.errors import UserError
-from lmforge.losses.lm import causal_lm_loss
+from lmforge.losses.lm import causal_lm_loss, token_mean
 from lmforge.models import build_model, config_summary, flops_per_token
 from lmforge.tokenizer import load_tokenizer, resolve_tokenizer_dir
 from lmforge.train.loop import Task, train
@@ -25,24 +25,20 @@ def lm_task(model: torch.nn.Module, train_w: TokenWindows, val_w: TokenWindows,
     t = cfg.train
     val_batches = val_w.eval_batches(t.eval_batches, t.micro_batch_size)
 
-    def step(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_of(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         batch = batch.to(device)
         logits = model(input_ids=batch[:, :-1], use_cache=False).logits  # (B, T, V)
-        loss, _ = causal_lm_loss(logits, batch[:, 1:])
-        return loss, {}
+        return causal_lm_loss(logits, batch[:, 1:])
+
+    def step(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return loss_of(batch)[0], {}
 
     def batches(n: int) -> list[torch.Tensor]:
         full = train_w.batch(t.seed, n, t.micro_batch_size * t.grad_accum)  # (B*A, T+1)
         return list(full.split(t.micro_batch_size))
 
     def evaluate() -> dict[str, float]:
-        total, count = 0.0, 0
-        for b in val_batches:
-            loss, _ = step(b)
-            n = b.size(0) * (b.size(1) - 1)
-            total += float(loss) * n
-            count += n
-        return {"val_loss": total / count}
+        return {"val_loss": token_mean(val_batches, loss_of)}
 
     ntok = lambda b: b.size(0) * (b.size(1) - 1)  # noqa: E731
     return Task(step=step, batches=batches, weight=ntok, tokens=ntok, evaluate=evaluate,

@@ -27,7 +27,7 @@ from lmforge.data.chat_rows import Conversation, load_conversations
 from lmforge.data.sft import SftBatches, fit_length, lm_logits
 from lmforge.errors import UserError
 from lmforge.io import append_jsonl
-from lmforge.losses.lm import causal_lm_loss, token_kl
+from lmforge.losses.lm import causal_lm_loss, token_kl, token_mean
 from lmforge.models import (
     add_rows_for_new_tokens,
     apply_lora,
@@ -98,7 +98,7 @@ def load_data(cfg: SftCfg, splits: Any = None) -> tuple[list[list[dict[str, str]
         raise UserError(f"sft: set data.train (a .jsonl/.json file, a hub dataset id, or {SYNTHETIC})")
     stats: dict[str, Any] = {}
     if d.train == SYNTHETIC:
-        train_p = (splits or _task_splits(cfg, force=True)).train
+        train_p = splits.train
         convs = [Conversation(({"role": "user", "content": p.prompt},
                                {"role": "assistant", "content": p.solution}), p.task_id)
                  for p in train_p]
@@ -135,7 +135,7 @@ def build_batches(convs: list[list[dict[str, str]]], tokenizer: PreTrainedTokeni
 def preview(cfg: SftCfg, n: int) -> None:
     """Print `n` rendered training examples; [[...]] marks the tokens the loss sees."""
     tokenizer, fmt, _ = load_tokenizer_and_format(cfg)
-    convs, _, _ = load_data(cfg)
+    convs, _, _ = load_data(cfg, _task_splits(cfg))
     print(f"template: {fmt.name}; loss on {'every token' if cfg.data.train_on_prompt else '[[assistant]] tokens'}")
     for i, r in enumerate(render(tokenizer, convs[:n], cfg.data.train_on_prompt)):
         print(f"----- example {i} ({len(r.ids)} tokens, {sum(r.loss_mask)} in the loss)")
@@ -187,15 +187,12 @@ def sft_task(model: PreTrainedModel, train_b: SftBatches, val_b: SftBatches, cfg
 
     val_batches = val_b.eval_batches(t.micro_batch_size)
 
+    def answer_loss(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        b = {k: v.to(device) for k, v in b.items()}
+        return causal_lm_loss(lm_logits(model, b), b["targets"], b["loss_mask"])
+
     def evaluate() -> dict[str, float]:
-        total = count = 0.0
-        for b in val_batches:
-            b = {k: v.to(device) for k, v in b.items()}
-            logits = lm_logits(model, b)
-            loss, m = causal_lm_loss(logits, b["targets"], b["loss_mask"])
-            total += float(loss) * m["n_tokens"]
-            count += m["n_tokens"]
-        out = {"val_loss": total / max(count, 1.0)}
+        out = {"val_loss": token_mean(val_batches, answer_loss)}
         if general is not None:
             out["general_ppl"] = perplexity(model, general.val, f.eval_batches, t.micro_batch_size, device)
         return out
@@ -255,14 +252,17 @@ def main(cfg: SftCfg) -> dict[str, Any]:
           f"{len(train_b.rows):,} rows of {data_stats['train']['examples']:,} examples, "
           f"{train_b.epochs(cfg.train.max_steps, sft_micro, cfg.train.grad_accum):.2f} epochs")
 
-    f = cfg.forgetting
     general, anchor = forgetting_setup(cfg, model, tokenizer, device)
     precision = make_precision(cfg.train.precision, device.type)
-    before: dict[str, Any] = {}
-    if general is not None:
+
+    def general_ppl(m: PreTrainedModel) -> dict[str, float]:
+        if general is None:
+            return {}
         with precision.autocast():
-            before["general_ppl"] = perplexity(model, general.val, f.eval_batches,
-                                               cfg.train.micro_batch_size, device)
+            return {"general_ppl": perplexity(m, general.val, cfg.forgetting.eval_batches,
+                                              cfg.train.micro_batch_size, device)}
+
+    before: dict[str, Any] = general_ppl(model)
     if splits is not None and cfg.eval.task == SYNTHETIC and cfg.eval.before:
         before["pass_at_1"] = _pass_at_1(model, tokenizer, fmt, splits, cfg, precision, "before")
 
@@ -275,11 +275,7 @@ def main(cfg: SftCfg) -> dict[str, Any]:
     # everything "after" is measured on what was shipped: final/ as loaded from disk
     final_model = load_model(res.final_dir).to(device)
     final_tok = load_tokenizer(res.final_dir)
-    after: dict[str, Any] = {}
-    if general is not None:
-        with precision.autocast():
-            after["general_ppl"] = perplexity(final_model, general.val, f.eval_batches,
-                                              cfg.train.micro_batch_size, device)
+    after: dict[str, Any] = general_ppl(final_model)
     if splits is not None and cfg.eval.task == SYNTHETIC:
         after["pass_at_1"] = _pass_at_1(final_model, final_tok, fmt, splits, cfg, precision, "after")
     return {
@@ -302,8 +298,9 @@ def main(cfg: SftCfg) -> dict[str, Any]:
     }
 
 
-def _task_splits(cfg: SftCfg, force: bool = False) -> Any:
-    if not force and cfg.eval.task != SYNTHETIC and cfg.data.train != SYNTHETIC:
+def _task_splits(cfg: SftCfg) -> Any:
+    """The synthetic task's splits when it is trained on or evaluated (built once: ~3 s)."""
+    if cfg.eval.task != SYNTHETIC and cfg.data.train != SYNTHETIC:
         return None
     from lmforge.tasks.synthetic_code import make_splits
 

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmforge.data.pack import TokenWindows, pack_corpus
-from lmforge.losses.lm import causal_lm_loss
+from lmforge.losses.lm import causal_lm_loss, token_mean
 from lmforge.losses.regularizers import anchor_penalty
 
 Batch = dict[str, torch.Tensor]
@@ -71,14 +71,12 @@ def merge_rows(a: Batch, b: Batch, pad_id: int) -> Batch:
 def perplexity(model: torch.nn.Module, windows: TokenWindows, n_batches: int, micro: int,
                device: torch.device) -> float:
     """Token-weighted perplexity over fixed windows of `windows` (the same ones every call)."""
-    total, count = 0.0, 0
-    for b in windows.eval_batches(n_batches, micro):
+
+    def loss_of(b: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         b = b.to(device)
-        logits = model(input_ids=b[:, :-1], use_cache=False).logits
-        loss, m = causal_lm_loss(logits, b[:, 1:])
-        total += float(loss) * m["n_tokens"]
-        count += int(m["n_tokens"])
-    return math.exp(total / max(count, 1))
+        return causal_lm_loss(model(input_ids=b[:, :-1], use_cache=False).logits, b[:, 1:])
+
+    return math.exp(token_mean(windows.eval_batches(n_batches, micro), loss_of))
 
 
 def fisher_diagonal(model: torch.nn.Module, params: list[torch.Tensor], windows: TokenWindows,
