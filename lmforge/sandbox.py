@@ -1,0 +1,277 @@
+"""Run untrusted programs (anything a model wrote) out of process, contained.
+
+`run(code)` runs a program through `sandbox_boot.py` in its own session and process group with
+a wall-clock timeout that kills the group, rlimits (CPU, address space, processes, file size,
+open files), a fresh temporary working directory that is removed afterwards, a minimal
+environment, stdin closed and output capped. Where the kernel permits (unprivileged user
+namespaces), it adds a network namespace (no network at all), a read-only view of the whole
+filesystem but the work directory, and a PID namespace whose end kills every process the
+program left behind. Run as root, the program runs as an unprivileged uid of its own (one per
+concurrent slot, so RLIMIT_NPROC binds and one run's fork bomb cannot starve another).
+
+Each `Result` records the isolation reached: `strong` when the network, filesystem and PID
+layers all held, else `weak` with the layers that did. A pass means the program ran to its
+end: the boot process prints a per-run nonce after the program returns, which the program's
+source never contains, so `sys.exit(0)` or `os._exit(0)` before the asserts is not a pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from lmforge.errors import UserError
+
+Status = Literal["passed", "failed", "timeout", "error"]
+_BOOT = str(Path(__file__).with_name("sandbox_boot.py"))
+_UID_BASE = 61000  # run uids: _UID_BASE + slot; no passwd entry needed
+_STRONG = ("net_ns", "readonly_fs", "pid_ns")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-run limits. `cpu_s` defaults to the timeout rounded up plus one second."""
+
+    timeout_s: float = 10.0
+    memory_mb: int = 2048
+    nproc: int = 64
+    fsize_mb: int = 16
+    nofile: int = 64
+    output_bytes: int = 4096
+    cpu_s: int | None = None
+    namespaces: bool = True  # False: rlimits, uid and process group only (the weak fallback)
+
+    def check(self) -> None:
+        for name in ("timeout_s", "memory_mb", "nproc", "fsize_mb", "nofile", "output_bytes"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"sandbox limit {name} must be > 0, got {getattr(self, name)}")
+
+    def rlimits(self) -> dict[str, int]:
+        cpu = self.cpu_s if self.cpu_s is not None else int(self.timeout_s) + 1
+        return {"RLIMIT_CPU": cpu, "RLIMIT_AS": self.memory_mb << 20,
+                "RLIMIT_NPROC": self.nproc, "RLIMIT_FSIZE": self.fsize_mb << 20,
+                "RLIMIT_NOFILE": self.nofile, "RLIMIT_CORE": 0}
+
+
+@dataclass(frozen=True)
+class Isolation:
+    level: Literal["strong", "weak"]
+    layers: dict[str, bool]
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        held = [k for k, v in self.layers.items() if v]
+        missing = [k for k, v in self.layers.items() if not v]
+        text = f"{self.level} (held: {', '.join(held) or 'none'}"
+        return text + (f"; missing: {', '.join(missing)})" if missing else ")")
+
+
+@dataclass(frozen=True)
+class Result:
+    status: Status
+    stderr: str
+    duration_s: float
+    isolation: Isolation
+    stdout: str = ""
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["isolation"] = self.isolation.level
+        return d
+
+
+@cache
+def _interpreter_dirs() -> list[str]:
+    """Directories the program's imports read from: the standard library and its extensions."""
+    dirs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
+    dirs.add(os.path.dirname(os.path.realpath(sys.executable)))
+    return sorted(d for d in dirs if os.path.isdir(d))
+
+
+_SLOTS: queue.Queue[int] = queue.Queue()
+for _i in range(64):
+    _SLOTS.put(_i)
+
+
+def _tail(data: bytes, limit: int) -> str:
+    text = data.decode("utf-8", errors="replace")
+    return text if len(text) <= limit else "[...]\n" + text[-limit:]
+
+
+def _read_capped(f: Any, limit: int) -> bytes:
+    """The last `limit` bytes of an output file (the nonce and tracebacks are at the end)."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - limit))
+    return f.read()  # type: ignore[no-any-return]
+
+
+def _kill(pgid: int, child: int | None) -> None:
+    for target, fn in ((pgid, os.killpg), (child, os.kill)):
+        if target:
+            try:
+                fn(target, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _reap_uid(uid: int) -> None:
+    """Weak mode's stand-in for a PID namespace: kill whatever still runs as the run's uid."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _classify(rc: int | None, wait_status: int | None, out: bytes, nonce: str,
+              err: str) -> tuple[Status, str]:
+    """Map how the run ended to a status and a reason (exit codes: see sandbox_boot)."""
+    if rc is None:
+        return "timeout", "wall-clock timeout"
+    if wait_status is None:
+        return "error", f"the sandbox's boot process ended ({rc}) before the program did"
+    if os.WIFSIGNALED(wait_status):  # no PID namespace: the program's status comes directly
+        code = 128 + os.WTERMSIG(wait_status)
+    else:
+        code = os.WEXITSTATUS(wait_status)
+    if code == 0:
+        ok = out.rstrip(b"\n").endswith(nonce.encode())
+        return ("passed", "") if ok else ("failed", "exited before its end")
+    if code > 128:
+        name = _signal_name(code - 128)
+        if name == "SIGXCPU":
+            return "timeout", "CPU time limit"
+        return "error", {"SIGXFSZ": "file size limit", "SIGSEGV": "crashed (SIGSEGV)"}.get(
+            name, f"killed by {name}")
+    return {1: ("failed", "assertion failed"), 2: ("error", "exception"),
+            3: ("failed", "exited before its end"),
+            4: ("error", "sandbox setup failed")}.get(code, ("error", f"exit code {code}"))
+
+
+def run(code: str, limits: Limits | None = None, *, slot: int | None = None) -> Result:
+    """Run one program; a pass means it ran to its end (see the module docstring)."""
+    limits = limits or Limits()
+    limits.check()
+    own_slot = slot is None
+    slot = _SLOTS.get() if slot is None else slot
+    try:
+        return _run(code, limits, slot)
+    finally:
+        if own_slot:
+            _SLOTS.put(slot)
+
+
+def _run(code: str, limits: Limits, slot: int) -> Result:
+    uid = _UID_BASE + slot if os.geteuid() == 0 else None
+    nonce = secrets.token_hex(16)
+    workdir = tempfile.mkdtemp(prefix="lmforge-sandbox-")
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+    os.chmod(workdir, 0o700)
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
+           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+    report_r, report_w = os.pipe()
+    cfg = {"uid": uid, "workdir": workdir, "limits": limits.rlimits(), "report_fd": report_w,
+           "namespaces": limits.namespaces,
+           "interpreter_dirs": _interpreter_dirs()}
+    t0 = time.perf_counter()
+    try:
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            with subprocess.Popen([sys.executable, "-I", "-S", _BOOT, json.dumps(cfg)],
+                                  stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir,
+                                  env=env, start_new_session=True, pass_fds=(report_w,)) as proc:
+                os.close(report_w)
+                rc, info, done = _supervise(proc, report_r, code, nonce, limits.timeout_s)
+            if uid is not None and not info.get("layers", {}).get("pid_ns"):
+                _reap_uid(uid)
+            duration = time.perf_counter() - t0
+            stdout = _read_capped(out, limits.output_bytes)
+            stderr = _read_capped(err, limits.output_bytes)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    err_text = _tail(stderr, limits.output_bytes)
+    status, reason = _classify(rc, done.get("wait_status"), stdout, nonce, err_text)
+    layers = info.get("layers", {"unprivileged": False})
+    level = "strong" if all(layers.get(k) for k in _STRONG) and layers.get("unprivileged") else "weak"
+    shown = stdout.replace(nonce.encode(), b"")
+    return Result(status=status, stderr=err_text, duration_s=round(duration, 4),
+                  isolation=Isolation(level, layers, tuple(info.get("notes", ()))),
+                  stdout=_tail(shown, limits.output_bytes).rstrip("\n"), reason=reason)
+
+
+def _supervise(proc: subprocess.Popen[bytes], report_r: int, code: str, nonce: str,
+               timeout: float) -> tuple[int | None, dict[str, Any], dict[str, Any]]:
+    """Feed the program, wait up to `timeout`, kill everything, read the boot report.
+
+    The boot process's group is killed in every case (a finished program may have left
+    children); the program's own process, which may have left that group with setsid, is
+    killed by pid from the report, and with it its PID namespace."""
+    try:
+        proc.stdin.write(json.dumps({"code": code, "nonce": nonce}).encode())  # type: ignore[union-attr]
+        proc.stdin.close()  # type: ignore[union-attr]
+    except BrokenPipeError:
+        pass
+    try:
+        rc: int | None = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    _kill(proc.pid, None)
+    proc.wait()
+    with os.fdopen(report_r, "r") as rep:  # EOF: the boot process is gone, the child closed it
+        lines = [json.loads(x) for x in rep.read().splitlines() if x.strip()]
+    info = lines[0] if lines else {}
+    _kill(0, info.get("pid"))
+    return rc, info, (lines[1] if len(lines) > 1 else {})
+
+
+def run_many(programs: Sequence[str], limits: Limits | None = None, *, workers: int = 2,
+             progress: Callable[[int], None] | None = None) -> list[Result]:
+    """Run programs `workers` at a time; results in input order."""
+    if workers < 1:
+        raise UserError(f"sandbox workers must be >= 1, got {workers}")
+    limits = limits or Limits()
+    limits.check()
+
+    def one(code: str) -> Result:
+        r = run(code, limits)
+        if progress is not None:
+            progress(1)
+        return r
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, programs))
+
+
+def probe(limits: Limits | None = None) -> Isolation:
+    """The isolation this machine gives: run a trivial program once."""
+    return run("pass", limits or Limits(timeout_s=10.0)).isolation
