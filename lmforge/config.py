@@ -97,6 +97,15 @@ class SourceCfg(Cfg):
     exclude_dirs: list[str] = []  # directory names skipped anywhere below `path`
 
 
+class DecontaminateCfg(Cfg):
+    """Drop corpus documents sharing an n-gram of normalised words with an evaluation item."""
+
+    against: list[Path] = []  # .jsonl/.json evaluation files; empty: off
+    n: int = Field(13, ge=1)  # GPT-3 / PaLM: 13 words
+    min_words: int = Field(8, ge=1)  # shorter items are not checked; < n words: the whole item
+    fields: list[str] | None = None  # row fields to check; None: the usual content fields
+
+
 class CorpusCfg(Cfg):
     run: RunCfg = RunCfg()
     # empty: the running interpreter's standard library (no site-packages, no tests)
@@ -111,6 +120,7 @@ class CorpusCfg(Cfg):
     shingle_words: int = Field(5, ge=1)
     val_fraction: float = Field(0.05, gt=0, lt=1)
     seed: int = 0  # salts the MinHash permutations and the split hash
+    decontaminate: DecontaminateCfg = DecontaminateCfg()
 
 
 class TokenizerCfg(Cfg):

@@ -257,3 +257,68 @@ def test_cli_success_with_an_undecodable_file(tmp_path: Path) -> None:
     assert "1 undecodable skipped" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["undecodable_skipped"] == 1 and summary["files_seen"] == 7
+
+
+# --------------------------------------------------------------------------- decontamination
+
+
+def eval_files(root: Path) -> tuple[Path, Path]:
+    """Items cut from make_tree's documents, each with a known fate (see the next test)."""
+    root.mkdir(parents=True, exist_ok=True)
+    one = root / "one.jsonl"
+    one.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "A", "question": " ".join(words(1)[30:50]).upper()},  # 20 words of a.txt
+        # 12 words of sub/d.txt, then 8 others: no 13-word span in common
+        {"id": "B", "question": " ".join(words(4)[:12] + words(99)[:8])},
+        {"id": "C", "question": " ".join(words(3)[:7])},  # 7 words of c.py: too short to check
+    ]) + "\n", encoding="utf-8")
+    two = root / "two.json"
+    two.write_text(json.dumps([
+        {"task_id": "D", "prompt": " ".join(words(11)[5:18])},  # 13 words of data.jsonl:3
+        {"task_id": "E", "prompt": ", ".join(words(1)[100:120])},  # a.txt again
+    ]), encoding="utf-8")
+    return one, two
+
+
+def test_decontamination_drops_exactly_the_contaminated_docs(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    one, two = eval_files(tmp_path / "eval")
+    plain = run_stage("corpus", cfg_for(src, tmp_path / "plain"))
+    assert plain["decontamination"] is None and not (tmp_path / "plain" / "decontamination.jsonl").exists()
+    summary = run_stage("corpus", cfg_for(src, tmp_path / "out", decontaminate={"against": [one, two]}))
+
+    dropped = {str(src / "a.txt"), str(src / "data.jsonl:3")}  # sub/dup_a.txt went in exact dedup
+    before_train, before_val = read_split(tmp_path / "plain")
+    train, val = read_split(tmp_path / "out")
+    # The split is by document hash, so each survivor stays where it was.
+    assert train == [r for r in before_train if r["source"] not in dropped]
+    assert val == [r for r in before_val if r["source"] not in dropped]
+    assert len(train) + len(val) == len(before_train) + len(before_val) - 2
+
+    dec = summary["decontamination"]
+    assert dec["dropped_docs"] == 2
+    assert dec["dropped_by_set"] == {str(one): 1, str(two): 2}
+    assert dec["sets"][str(one)] == {"items": 3, "checked": 2, "too_short": 1, "contaminated_items": 1}
+    assert dec["sets"][str(two)] == {"items": 2, "checked": 2, "too_short": 0, "contaminated_items": 2}
+    rows = load_jsonl(tmp_path / "out" / "decontamination.jsonl")
+    assert sorted(rows, key=lambda r: r["doc"]) == [
+        {"doc": str(src / "a.txt"), "items": {str(one): ["A"], str(two): ["E"]}},
+        {"doc": str(src / "data.jsonl:3"), "items": {str(two): ["D"]}},
+    ]
+
+
+def test_decontamination_config_keys(tmp_path: Path) -> None:
+    cfg = load_config(CorpusCfg, None, ["decontaminate.against=[x.jsonl]", "decontaminate.n=8"])
+    assert cfg.decontaminate.against == [Path("x.jsonl")] and cfg.decontaminate.n == 8
+    assert CorpusCfg().decontaminate.against == [] and CorpusCfg().decontaminate.n == 13
+    with pytest.raises(UserError, match="decontaminate.n"):
+        load_config(CorpusCfg, None, ["decontaminate.n=0"])
+
+
+def test_cli_missing_eval_file_exits_2_naming_the_key(tmp_path: Path) -> None:
+    src, out = make_tree(tmp_path / "src"), tmp_path / "out"
+    one, _ = eval_files(tmp_path / "eval")
+    missing = tmp_path / "eval" / "gone.jsonl"
+    against = "decontaminate.against=" + json.dumps([str(one), str(missing)])
+    proc = cli(tmp_path, sources_override(src), f"run.dir={out}", against)
+    assert_user_error(proc, out, "decontaminate.against.1", str(missing), "not found")
