@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     for name in STAGES:
         s = sub.add_parser(name, help=f"run the {name} stage")
         s.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.path=value")
+        if name == "eval":
+            _eval_flags(s)
         if name == "sft":
             s.add_argument("--preview", type=int, default=0, metavar="N",
                            help="print N rendered training examples, loss tokens in [[...]], and exit")
@@ -47,6 +49,60 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _eval_flags(s: argparse.ArgumentParser) -> None:
+    s.description = ("`lmforge eval CHECKPOINT [flags] [key=value ...]` or "
+                     "`lmforge eval CONFIG.yaml [key=value ...]`")
+    s.add_argument("--task", action="append", default=[], metavar="T[,T...]",
+                   help="synthetic-code, mbpp, mbpp-sanitized, humaneval, gsm8k, "
+                        "perplexity:PATH, text:PATH (repeatable or comma-separated)")
+    s.add_argument("--k", help="pass@k for these k, e.g. 1,5,10 (needs n >= k)")
+    s.add_argument("--n", type=int, help="samples per task")
+    s.add_argument("--temperature", type=float, help="0 = greedy")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--limit", type=int, help="the first N items of each task")
+    s.add_argument("--out", help="output directory (run.dir)")
+    s.add_argument("--contamination", action="append", default=[], metavar="TRAIN",
+                   help="training text (corpus stage dir, .jsonl/.json/.txt) to scan for "
+                        "n-gram overlap with the tasks' items (repeatable)")
+    s.add_argument("--judge", help="judge model: an HF dir or an OpenAI-compatible URL")
+    s.add_argument("--judge-model", help="model name to ask an endpoint judge for")
+    s.add_argument("--baseline", help="the model the judge compares this one with")
+
+
+def _eval_dir(checkpoint: str) -> Path:
+    """Next to the checkpoint: runs/x/sft/final -> runs/x/sft/eval (never inside an HF dir);
+    a hub id -> runs/eval/<id>."""
+    p = Path(checkpoint.rstrip("/"))
+    if not p.exists():
+        return Path("runs/eval") / checkpoint.replace("/", "__")
+    return p.parent / "eval" if (p / "config.json").exists() else p / "eval"
+
+
+def _eval_overrides(ns: argparse.Namespace, args: list[str]) -> tuple[Path | None, list[str]]:
+    """`eval CHECKPOINT --task ...` becomes the stage's config: flags are overrides."""
+    path: Path | None = None
+    over: list[str] = []
+    if args and "=" not in args[0]:
+        if args[0].endswith((".yaml", ".yml")):
+            path = Path(args[0])
+        else:
+            over += [f"model.path={args[0]}", f"run.dir={ns.out or _eval_dir(args[0])}"]
+        args = args[1:]
+    elif ns.out:
+        over.append(f"run.dir={ns.out}")
+    tasks = [t for arg in ns.task for t in arg.split(",") if t]
+    flags = {"tasks": tasks or None, "n": ns.n, "temperature": ns.temperature,
+             "batch_size": ns.batch_size, "limit": ns.limit,
+             "contamination.train": ns.contamination or None, "judge.judge": ns.judge,
+             "judge.judge_model": ns.judge_model, "judge.baseline": ns.baseline,
+             "k": [x.strip() for x in ns.k.split(",")] if ns.k else None}
+    for key, value in flags.items():
+        if value is not None:
+            shown = "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else value
+            over.append(f"{key}={shown}")
+    return path, over + args
+
+
 def _split_args(args: list[str]) -> tuple[Path | None, list[str]]:
     if args and "=" not in args[0]:
         return Path(args[0]), args[1:]
@@ -72,7 +128,10 @@ def _dispatch(ns: argparse.Namespace) -> int:
     from lmforge.config import load_config
     from lmforge.stages import run_stage
 
-    path, overrides = _split_args(ns.args)
+    if ns.command == "eval":
+        path, overrides = _eval_overrides(ns, ns.args)
+    else:
+        path, overrides = _split_args(ns.args)
     cfg = load_config(STAGES[ns.command], path, overrides)
     if getattr(ns, "preview", 0):
         from lmforge.stages.sft import preview

@@ -222,6 +222,53 @@ class SftCfg(TrainingCfg):
     eval: TaskEvalCfg = TaskEvalCfg()
 
 
+class SandboxCfg(Cfg):
+    timeout_s: float = Field(10.0, gt=0)  # wall clock per program
+    memory_mb: int = Field(2048, ge=64)  # address space per program
+    workers: int = Field(2, ge=1)  # programs run at once
+
+
+class JudgeCfg(Cfg):
+    judge: str | None = None  # a local HF dir, or an OpenAI-compatible endpoint URL (http...)
+    judge_model: str | None = None  # the model name an endpoint serves
+    baseline: str | None = None  # the model compared against (HF dir), answering the same prompts
+    prompts: Path | None = None  # .jsonl with a "prompt" field per row
+    limit: int = Field(50, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+
+
+class ContaminationCfg(Cfg):
+    train: list[Path] = []  # training text: corpus stage dirs, .jsonl/.json/.txt files
+    n: int = Field(13, ge=1)
+
+
+EVAL_TASKS = ("synthetic-code", "mbpp", "mbpp-sanitized", "humaneval", "gsm8k")
+
+
+class EvalCfg(Cfg):
+    run: RunCfg = RunCfg(dir=Path("runs/eval"))
+    model: ModelCfg = ModelCfg(preset=None)  # model.path: an HF dir, stage dir or hub id
+    tasks: list[str] = ["synthetic-code"]  # EVAL_TASKS, or perplexity:PATH (text to score)
+    k: list[int] = [1]  # pass@k for each k (needs n >= k)
+    n: int = Field(1, ge=1)  # samples per task
+    temperature: float = Field(0.0, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+    limit: int | None = Field(None, ge=1)  # items per task (the first ones)
+    chat: Literal["auto", "on", "off"] = "auto"  # auto: on when the tokenizer has a template
+    sources: dict[str, str] = {}  # task -> a file, directory or hub id (default: the hub's)
+    split: str = "test"
+    n_shot: int | None = Field(None, ge=0)  # few-shot examples (default: the task's own)
+    seed: int = 0
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    synthetic: SyntheticTaskCfg = SyntheticTaskCfg(n_eval=50)
+    signature_prefill: bool = True  # synthetic-code answers start at `def name(arg):`
+    sandbox: SandboxCfg = SandboxCfg()
+    judge: JudgeCfg = JudgeCfg()
+    contamination: ContaminationCfg = ContaminationCfg()
+
+
 class ReportCfg(Cfg):
     prompts: list[str] = ["def ", "import ", "class "]
     max_new_tokens: int = Field(64, ge=1)

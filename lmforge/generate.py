@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,15 +92,21 @@ def generate_cli(ns: argparse.Namespace) -> None:
 
 
 @torch.no_grad()
-def greedy_batch(model: PreTrainedModel, prompts: list[list[int]], stop_ids: list[int],
-                 pad_id: int, max_new_tokens: int, batch_size: int = 64) -> list[list[int]]:
-    """Greedy continuations of tokenized prompts, batched with left padding; each output ends
-    before its first stop token. Prompts are batched by length so little compute is spent on
-    padding; outputs come back in the input order."""
+def generate_batch(model: PreTrainedModel, prompts: list[list[int]], stop_ids: list[int],
+                   pad_id: int, max_new_tokens: int, batch_size: int = 64, *,
+                   temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (),
+                   tokenizer: PreTrainedTokenizerBase | None = None,
+                   seed: int = 0) -> list[list[int]]:
+    """Continuations of tokenized prompts (greedy at temperature 0), batched with left
+    padding; each output ends before its first stop token. With `stop` strings (and the
+    `tokenizer`), a row also stops once its text contains one; cut the decoded text with
+    `cut_at_stop`. Prompts are batched by length so little compute is spent on padding;
+    outputs come back in the input order. Batch b samples from seed `seed + b`."""
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outs: list[list[int]] = [[] for _ in prompts]
-    for s in range(0, len(order), batch_size):
+    sample = temperature > 0
+    for b, s in enumerate(range(0, len(order), batch_size)):
         idx = order[s:s + batch_size]
         T = max(len(prompts[i]) for i in idx)
         x = torch.full((len(idx), T), pad_id, dtype=torch.long)
@@ -108,9 +115,13 @@ def greedy_batch(model: PreTrainedModel, prompts: list[list[int]], stop_ids: lis
             n = len(prompts[i])
             x[row, T - n:] = torch.tensor(prompts[i])
             att[row, T - n:] = 1
-        gen = model.generate(x.to(device), attention_mask=att.to(device), do_sample=False,
+        torch.manual_seed(seed + b)  # HF sampling draws from the global generator
+        gen = model.generate(x.to(device), attention_mask=att.to(device), do_sample=sample,
                              max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                             pad_token_id=pad_id, temperature=None, top_k=None, top_p=None)
+                             pad_token_id=pad_id, temperature=temperature if sample else None,
+                             top_k=None, top_p=top_p if sample else None,
+                             stop_strings=list(stop) or None,
+                             tokenizer=tokenizer if stop else None)
         for row, i in enumerate(idx):
             new = gen[row, T:].tolist()
             cut = next((k for k, t in enumerate(new) if t in stop_ids), len(new))

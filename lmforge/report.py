@@ -117,6 +117,45 @@ def sft_lines(name: str, s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def eval_lines(name: str, s: dict[str, Any]) -> list[str]:
+    """One table per eval stage: a row per task with its pass@k (or other) numbers."""
+    st = s.get("settings", {})
+    lines = [f"### {name}: `{s.get('model')}`",
+             f"- {st.get('n')} sample(s) per item at temperature {st.get('temperature')}, "
+             f"{'chat template' if st.get('chat') else 'raw completion'}; "
+             f"{st.get('max_new_tokens')} new tokens at most"]
+    box = s.get("sandbox")
+    if box:
+        held = ", ".join(k for k, v in box["layers"].items() if v)
+        lines.append(f"- sandbox isolation: **{box['level']}** ({held})" if box["level"] == "strong"
+                     else f"- sandbox isolation: **weak** here: only {held or 'rlimits'} held; "
+                          "generated code ran without network/filesystem/process namespaces")
+    lines += ["", "| task | items | metric | value |", "|---|---:|---|---:|"]
+    for task, r in s.get("tasks", {}).items():
+        keys = [k for k in r if k.startswith("pass@")] or [
+            k for k in ("perplexity", "bleu", "chrf", "rougeL_f", "embedding_cosine",
+                        "bertscore_f1") if k in r]
+        for k in keys:
+            lines.append(f"| {task} | {r.get('items', r.get('documents', r.get('pairs', '')))} "
+                         f"| {k} | {_fmt(r[k], '.3f')} |")
+        for g, gr in r.get("groups", {}).items():
+            lines.append(f"| {task} / {g} | {gr['items']} | "
+                         + ", ".join(k for k in gr if k.startswith("pass@")) + " | "
+                         + " / ".join(_fmt(v, ".3f") for k, v in gr.items() if k.startswith("pass@"))
+                         + " |")
+    c = s.get("contamination")
+    if c:
+        lines += ["", f"- contamination ({c.get('n')}-grams vs {c.get('train_docs')} training "
+                  "docs): " + ", ".join(f"{n} {v['contaminated']}/{v['checked']} items"
+                                        for n, v in c.get("sets", {}).items())]
+    j = s.get("judge")
+    if j:
+        lines += ["", f"- judge `{j.get('judge')}` vs `{j.get('baseline')}`: win {_fmt(j.get('win_rate'), '.1%')}, "
+                  f"tie {_fmt(j.get('tie_rate'), '.1%')}, position consistency "
+                  f"{_fmt(j.get('position_consistency'), '.1%')}"]
+    return lines
+
+
 def sample_lines(final_dir: Path, cfg: PipelineCfg) -> list[str]:
     from lmforge.generate import SampleCfg, generate
     from lmforge.models import load_model
@@ -152,6 +191,8 @@ def write_report(root: Path, cfg: PipelineCfg, summaries: dict[str, dict[str, An
             lines += ["## Pretraining", "", *pretrain_lines(name, s), ""]
         if stage_of[name] == "sft":
             lines += ["## Supervised fine-tuning", "", *sft_lines(name, s), ""]
+        if stage_of[name] == "eval":
+            lines += ["## Evaluation", "", *eval_lines(name, s), ""]
     # raw-text continuations show what pretraining learned; chat models speak through templates
     models = [Path(s["final_dir"]) for n, s in summaries.items() if stage_of[n] == "pretrain"
               and s.get("final_dir") and (Path(s["final_dir"]) / "config.json").exists()]

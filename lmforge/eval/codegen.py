@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge.chat import prompt_ids
 from lmforge.config import TaskEvalCfg
-from lmforge.generate import greedy_batch
+from lmforge.generate import generate_batch
 from lmforge.tasks.synthetic_code import Problem, Splits, extract_code, run_checks
 
 
@@ -28,7 +28,7 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     was_training = model.training
     model.eval()
-    outs = greedy_batch(model, ids, stop_ids, pad, max_new_tokens, cfg.batch_size)
+    outs = generate_batch(model, ids, stop_ids, pad, max_new_tokens, cfg.batch_size)
     model.train(was_training)
     return [f + tokenizer.decode(o, skip_special_tokens=True) for f, o in zip(prefills, outs)]
 

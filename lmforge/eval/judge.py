@@ -203,11 +203,13 @@ def _pearson(x: list[float], y: list[float]) -> float | None:
 
 
 class HFJudge:
-    """A local causal LM answering each prompt as a user turn, greedily."""
+    """A local causal LM answering each prompt as a user turn (raw text without a chat
+    template), greedily."""
 
     def __init__(self, path: str, batch_size: int = 8, max_new_tokens: int = 16) -> None:
         import torch
 
+        from lmforge.eval.harness import Generator
         from lmforge.models import load_model, resolve_model_dir
         from lmforge.tokenizer import load_tokenizer
 
@@ -219,39 +221,16 @@ class HFJudge:
         self.model = load_model(self.path).eval()
         if torch.cuda.is_available():
             self.model.to("cuda")
-        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
-        self.stop_ids = self._stop_ids()
-
-    def _stop_ids(self) -> list[int]:
-        """End-of-turn and eos, plus whatever the model's generation config stops at
-        (`lmforge sft` writes its template's stop ids there)."""
-        from lmforge.chat import resolve_format, stop_token_ids
-
-        ids = (stop_token_ids(self.tokenizer, resolve_format(self.tokenizer, "tokenizer"))
-               if self.chat else [self.tokenizer.eos_token_id])
-        extra = getattr(self.model.generation_config, "eos_token_id", None)
-        extra = extra if isinstance(extra, list) else [extra]
-        return list(dict.fromkeys(i for i in [*ids, *extra] if i is not None))
+        self.generator = Generator(self.model, self.tokenizer)
+        self.chat, self.stop_ids = self.generator.chat, self.generator.stop_ids
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        """A user turn in the chat template; without one, raw text after end-of-text, as
-        `lmforge generate` does for base models (every pretraining document began so)."""
-        from lmforge.chat import prompt_ids
-
-        if self.chat:
-            return prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        return [eos, *ids] if eos is not None else list(ids)
+        return self.generator.prompt_ids(prompt)
 
     def __call__(self, prompts: list[str]) -> list[str]:
-        from lmforge.generate import greedy_batch
-
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else (self.stop_ids[0] if self.stop_ids else 0)
-        outs = greedy_batch(self.model, [self.prompt_ids(p) for p in prompts], self.stop_ids,
-                            pad, self.max_new_tokens, self.batch_size)
-        return [self.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+        outs = self.generator(prompts, max_new_tokens=self.max_new_tokens,
+                              batch_size=self.batch_size)
+        return [o[0] for o in outs]
 
 
 def hf_judge(path: str, *, batch_size: int = 8, max_new_tokens: int = 16) -> HFJudge:

