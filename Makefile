@@ -18,7 +18,7 @@ $(VENV)/.core: $(BIN)/python pyproject.toml
 	@touch $@
 
 $(VENV)/.dev: $(VENV)/.core
-	$(PIP) -e ".[dev,quant]"
+	$(PIP) -e ".[dev,quant,metrics,code]"
 	@touch $@
 
 demo: $(VENV)/.core
