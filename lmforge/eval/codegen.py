@@ -11,9 +11,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmforge.chat import prompt_ids
 from lmforge.config import TaskEvalCfg
-from lmforge.generate import generate_batch
+from lmforge.eval.harness import Generator
 from lmforge.tasks.synthetic_code import Problem, Splits, extract_code, run_checks
 
 
@@ -23,14 +22,10 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     """Greedy answers to single-turn user prompts, rendered with the tokenizer's template.
     A prefill is put in the assistant's mouth first and is part of the returned answer."""
     prefills = prefills or [""] * len(prompts)
-    ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}])
-           + tokenizer(f, add_special_tokens=False)["input_ids"] for p, f in zip(prompts, prefills)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    was_training = model.training
-    model.eval()
-    outs = generate_batch(model, ids, stop_ids, pad, max_new_tokens, cfg.batch_size)
-    model.train(was_training)
-    return [f + tokenizer.decode(o, skip_special_tokens=True) for f, o in zip(prefills, outs)]
+    gen = Generator(model, tokenizer, chat=True, stop_ids=stop_ids)
+    outs = gen(prompts, prefills=prefills, max_new_tokens=max_new_tokens,
+               batch_size=cfg.batch_size)
+    return [f + o[0] for f, o in zip(prefills, outs)]
 
 
 def signature(p: Problem) -> str:

@@ -31,10 +31,10 @@ class Generator:
     tokenizer carries a template."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 chat: bool | None = None) -> None:
+                 chat: bool | None = None, stop_ids: list[int] | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
-        self.stop_ids = self._stop_ids()
+        self.stop_ids = stop_ids or self._stop_ids()
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.stop_ids[0] if self.stop_ids else 0)
         cfg = model.config
