@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -89,16 +89,10 @@ class Result:
     isolation: Isolation
     stdout: str = ""
     reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["isolation"] = self.isolation.level
-        return d
 
 
 @cache
@@ -178,17 +172,15 @@ def _classify(rc: int | None, wait_status: int | None, out: bytes, nonce: str,
             4: ("error", "sandbox setup failed")}.get(code, ("error", f"exit code {code}"))
 
 
-def run(code: str, limits: Limits | None = None, *, slot: int | None = None) -> Result:
+def run(code: str, limits: Limits | None = None) -> Result:
     """Run one program; a pass means it ran to its end (see the module docstring)."""
     limits = limits or Limits()
     limits.check()
-    own_slot = slot is None
-    slot = _SLOTS.get() if slot is None else slot
+    slot = _SLOTS.get()  # a uid of its own for as long as it runs
     try:
         return _run(code, limits, slot)
     finally:
-        if own_slot:
-            _SLOTS.put(slot)
+        _SLOTS.put(slot)
 
 
 def _run(code: str, limits: Limits, slot: int) -> Result:

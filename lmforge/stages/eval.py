@@ -70,9 +70,8 @@ def load_items(name: str, cfg: EvalCfg) -> list[CodeItem] | list[AnswerItem]:
         splits = make_splits(t.seed, n_train=1, n_eval=t.n_eval)
         groups = {f"d{d}": ps for d, ps in sorted(splits.heldout.items())}
         groups["unseen"] = splits.unseen
-        items = [it for g, ps in groups.items()
-                 for it in to_code_items(ps[:cfg.limit], cfg.signature_prefill, g)]
-        return items
+        return [it for g, ps in groups.items()
+                for it in to_code_items(ps[:cfg.limit], cfg.signature_prefill, g)]
     if name in ("mbpp", "mbpp-sanitized"):
         from lmforge.tasks.mbpp import load_mbpp
 

@@ -512,20 +512,24 @@ def _limits(timeout: float) -> Limits:
     return Limits(timeout_s=timeout)
 
 
+def _program(code: str, tests: Sequence[str]) -> str:
+    return code + "\n\n" + "\n".join(tests) + "\n"
+
+
 def check_program(solution_code: str, tests: Sequence[str],
                   timeout: float = 5.0) -> tuple[str, str]:
     """Run untrusted code and its asserts in the sandbox: (status, stderr tail).
 
     status: "passed" (ran to its end), "failed" (an assert failed, or the program exited
     before its end), "timeout", or "error" (any other exception, syntax errors included)."""
-    r = sandbox.run(solution_code + "\n\n" + "\n".join(tests) + "\n", _limits(timeout))
+    r = sandbox.run(_program(solution_code, tests), _limits(timeout))
     return r.status, r.stderr
 
 
 def run_checks(items: Sequence[tuple[str, Sequence[str]]], timeout: float = 5.0,
                workers: int = 2) -> list[str]:
     """Statuses of `check_program` for (solution, tests) pairs, in order, `workers` at a time."""
-    programs = [code + "\n\n" + "\n".join(tests) + "\n" for code, tests in items]
+    programs = [_program(code, tests) for code, tests in items]
     return [r.status for r in sandbox.run_many(programs, _limits(timeout), workers=workers)]
 
 
