@@ -2,7 +2,9 @@
 
 The template is a jinja string stored on the tokenizer (`tokenizer.chat_template`), so the one
 used in training is saved with the checkpoint's tokenizer files, where transformers, vLLM's
-OpenAI server and lm-evaluation-harness read it: train and inference cannot disagree.
+OpenAI server and lm-evaluation-harness read it: train and inference cannot disagree. It is
+saved twice, as chat_template.jinja (transformers 5) and inside tokenizer_config.json (4.x reads
+only that): see `tokenizer.make_portable`.
 
 Which tokens the loss sees comes from the template itself: everything an assistant says sits
 inside `{% generation %}...{% endgeneration %}` (transformers' marker for

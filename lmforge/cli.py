@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("adapter", type=Path, help="an adapter dir (e.g. runs/demo/sft/final/adapter)")
     m.add_argument("--base", help="base model dir or hub id (default: the adapter's own record)")
     m.add_argument("--out", type=Path, required=True, help="where the merged HF directory goes")
+    m.add_argument("--force", action="store_true",
+                   help="replace --out even if it holds files lmforge did not write")
     r = sub.add_parser("run", help="run a pipeline of stages")
     r.add_argument("pipeline", type=Path)
     r.add_argument("overrides", nargs="*", metavar="[STAGE.]key.path=value")
@@ -123,7 +125,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
     if ns.command == "merge":
         from lmforge.models import merge_cli
 
-        merge_cli(ns.adapter, ns.base, ns.out)
+        merge_cli(ns.adapter, ns.base, ns.out, force=ns.force)
         return 0
     from lmforge.config import load_config
     from lmforge.stages import run_stage

@@ -1,18 +1,23 @@
 """Models: build from scratch via transformers configs, load HF checkpoints, save portable dirs.
 
 A saved `final/` must load as is in transformers 5.x and 4.4x, vLLM and lm-evaluation-harness,
-so `save_hf` writes the config keys both generations read (see `_portable_config`).
+so `save_hf` writes the config keys both generations read (see `_portable_config`) and the
+tokenizer files both read (`save_portable`); an adapter's directory gets the same treatment
+and a base it loads on (`export_peft`). Every directory lmforge writes lists its files
+(`WRITTEN`), so a later write may replace it knowing it destroys nothing anyone else wrote.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -27,7 +32,10 @@ from transformers.utils import logging as hf_logging
 from lmforge.config import LoraCfg, ModelCfg
 from lmforge.errors import UserError
 from lmforge.io import atomic_dir, check_local_or_hub
-from lmforge.tokenizer import load_tokenizer, make_portable
+from lmforge.tokenizer import load_tokenizer, save_portable
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 # per-shard load/save bars drown the loop's own progress on small models
 hf_logging.disable_progress_bar()
@@ -122,6 +130,21 @@ def load_model(path: str | Path, trust_remote_code: bool = False,
         )
     except OSError as e:
         raise UserError(f"cannot load model {str(path)!r}: {str(e).splitlines()[0]}") from None
+    except SafetensorError as e:
+        raise UserError(_damaged_weights(p, e)) from None
+
+
+def _damaged_weights(d: Path, e: Exception) -> str:
+    """Name the shard that does not read. safetensors' error names no file, and its header
+    check (sizes against the file's length) is what catches a truncated copy or download."""
+    why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    for f in sorted(d.glob("*.safetensors")) if d.is_dir() else []:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            return f"{f} is truncated or corrupt ({str(err).splitlines()[0][:160]})"
+    return f"the weights of {d} are truncated or corrupt ({why})"
 
 
 def save_hf(model: PreTrainedModel, out: Path,
@@ -129,14 +152,58 @@ def save_hf(model: PreTrainedModel, out: Path,
     """Write an HF directory atomically (temp dir, then rename): safetensors + portable config."""
     with atomic_dir(out) as tmp:
         _write_hf(model, tmp, tokenizer)
+        _record_written(tmp)
 
 
 def _write_hf(model: PreTrainedModel, d: Path, tokenizer: PreTrainedTokenizerBase | None) -> None:
     model.save_pretrained(d, safe_serialization=True)
     _portable_config(d / "config.json")
     if tokenizer is not None:
-        tokenizer.save_pretrained(d)
-        make_portable(d)
+        save_portable(tokenizer, d)
+
+
+# The list of files lmforge wrote into a directory (relative path -> [size, mtime_ns]), written
+# last. A directory that holds exactly these, unchanged, can be replaced without losing anything
+# a person put there or edited; any other file, or a changed one, makes it theirs.
+WRITTEN = ".lmforge-files.json"
+
+
+def _record_written(d: Path) -> None:
+    files = {}
+    for root, _, names in os.walk(d):
+        for name in names:
+            f = Path(root) / name
+            st = f.lstat()
+            files[f.relative_to(d).as_posix()] = [st.st_size, st.st_mtime_ns]
+    (d / WRITTEN).write_text(json.dumps({"written_by": "lmforge", "files": files}, indent=1) + "\n")
+
+
+def foreign_entries(d: Path) -> list[str]:
+    """What in directory `d` lmforge did not write (or what changed since): [] for an empty
+    directory or one lmforge wrote and nobody touched."""
+    try:
+        rec = json.loads((d / WRITTEN).read_text(encoding="utf-8"))
+        files = {k: tuple(v) for k, v in rec["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        files = {}  # no list, or a damaged one: nothing here is known to be lmforge's
+    parents = {q.as_posix() for k in files for q in Path(k).parents if q != Path(".")}
+    foreign = []
+    for root, dirs, names in os.walk(d):
+        for name in [*dirs, *names]:
+            f = Path(root) / name
+            rel, st = f.relative_to(d).as_posix(), f.lstat()
+            if rel == WRITTEN and files:
+                continue
+            if f.is_symlink():
+                ours = False
+            elif f.is_dir():
+                ours = rel in parents
+            else:
+                ours = files.get(rel) == (st.st_size, st.st_mtime_ns)
+            if not ours:
+                foreign.append(rel)
+        dirs[:] = [x for x in dirs if (Path(root) / x).relative_to(d).as_posix() in parents]
+    return sorted(foreign)
 
 
 def _portable_config(path: Path) -> None:
@@ -197,19 +264,21 @@ def config_summary(model: PreTrainedModel) -> dict[str, Any]:
 # --------------------------------------------------------------------------- new tokens, PEFT
 
 
-def add_rows_for_new_tokens(model: PreTrainedModel, n_vocab: int) -> None:
+def add_rows_for_new_tokens(model: PreTrainedModel, n_vocab: int) -> int:
     """Grow the embedding (and an untied head) to `n_vocab` rows, each new row the mean of the
     old ones: a token the model has never seen starts where an average token is, so the first
     steps' logits stay sane. Deterministic (transformers' default samples around the mean), so
-    `lmforge merge` can rebuild the same base from the saved tokenizer alone."""
+    `lmforge merge` can rebuild the same base from the saved tokenizer alone. Returns the
+    number of rows added."""
     old = model.get_input_embeddings().weight.size(0)
     if n_vocab <= old:
-        return
+        return 0
     model.resize_token_embeddings(n_vocab, mean_resizing=False)
     with torch.no_grad():
         for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings())
                     if e is not None}.values():
             emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+    return n_vocab - old
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -279,37 +348,151 @@ def merge_adapter(adapter_dir: Path, base: str | Path) -> PreTrainedModel:
     the adapter's tokenizer added, built as in training (`add_rows_for_new_tokens`). For a
     QLoRA adapter the base is the original weights, not their 4-bit version: the merged model
     differs from the trained one by the base's quantization error, and gains its precision."""
-    from peft import PeftModel
-
     model = load_model(base)
     if (adapter_dir / "tokenizer_config.json").exists():
         add_rows_for_new_tokens(model, len(load_tokenizer(adapter_dir)))
+    return _attach_adapter(model, adapter_dir, base).merge_and_unload()  # type: ignore[no-any-return]
+
+
+def _attach_adapter(model: PreTrainedModel, adapter_dir: Path, base: str | Path) -> PeftModel:
+    from peft import PeftModel
+
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        return PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, OSError) as e:
         raise UserError(f"cannot load adapter {adapter_dir}: {str(e).splitlines()[0]}") from None
-    return peft_model.merge_and_unload()  # type: ignore[no-any-return]
+    except SafetensorError as e:
+        raise UserError(_damaged_weights(adapter_dir, e)) from None
+    except (RuntimeError, IndexError) as e:  # shapes or token ids that the base does not have
+        raise UserError(f"adapter {adapter_dir} does not fit base {base}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
 
 
 def export_peft(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase, base: str) -> None:
-    """final/ of an adapter run: the merged model (loads anywhere, as is) plus `adapter/`."""
+    """final/ of an adapter run, written at once (temp dir, then rename):
+    - the merged model: a plain HF directory that loads anywhere, as is;
+    - adapter/: the adapter, its tokenizer (template included) and a README with the load;
+    - base/, only when training added token rows: the base as trained on (its weights plus
+      those rows). The original base lacks the rows the adapter's token ids point into, so
+      peft cannot load the adapter on it; adapter_config.json names this one instead."""
+    where = out.resolve()  # recorded paths are absolute: clients load them from any directory
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "adapter")
-        tokenizer.save_pretrained(tmp / "adapter")
-        merged = merge_adapter(tmp / "adapter", base)
+        save_portable(tokenizer, tmp / "adapter")
+        base_model = load_model(base)
+        added = add_rows_for_new_tokens(base_model, len(tokenizer))
+        recorded = str(Path(base).resolve()) if Path(base).exists() else base
+        if added:
+            _write_hf(base_model, tmp / "base", tokenizer)  # before the merge writes into it
+            recorded = str(where / "base")
+        _record_base(tmp / "adapter", recorded)
+        _write_adapter_readme(tmp / "adapter", where / "adapter", recorded, base,
+                              tokenizer.convert_ids_to_tokens(range(len(tokenizer) - added, len(tokenizer))))
+        merged = _attach_adapter(base_model, tmp / "adapter", base).merge_and_unload()
         merged.generation_config = model.generation_config
         _write_hf(merged, tmp, tokenizer)
+        _record_written(tmp)
 
 
-def merge_cli(adapter: Path, base: str | None, out: Path) -> None:
-    """`lmforge merge ADAPTER [--base B] --out DIR`: a standalone HF dir from base + adapter."""
-    conf = adapter / "adapter_config.json"
-    if not conf.is_file():
+def _record_base(adapter_dir: Path, base: str) -> None:
+    path = adapter_dir / "adapter_config.json"
+    conf = json.loads(path.read_text(encoding="utf-8"))
+    conf["base_model_name_or_path"] = base
+    path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_adapter_readme(d: Path, adapter: Path, base: str, original: str, added: list[str]) -> None:
+    """Replaces peft's empty model-card template with the one load that works."""
+    grown = (f"`{base}` is `{original}` with {len(added)} embedding rows added for the tokens "
+             f"training added ({', '.join(f'`{t}`' for t in added)}); peft cannot load this "
+             "adapter on the original, which lacks those rows.\n\n") if added else ""
+    (d / "README.md").write_text(
+        "# Adapter (lmforge)\n\n"
+        "`..` holds the same model with this adapter merged in: a plain Hugging Face directory.\n"
+        "To load the adapter on its base (transformers + peft):\n\n"
+        "```python\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
+        f"model = PeftModel.from_pretrained(base, {str(adapter)!r})\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({str(adapter)!r})\n"
+        "```\n\n" + grown +
+        f"To write the merged model elsewhere: `lmforge merge {adapter} --out DIR`.\n",
+        encoding="utf-8")
+
+
+def read_adapter_config(adapter: Path) -> dict[str, Any]:
+    """adapter_config.json as a dict, or one line saying why it is not one."""
+    path = adapter / "adapter_config.json"
+    if not path.is_file():
         raise UserError(f"{adapter} is not an adapter directory (no adapter_config.json)")
-    base = base or json.loads(conf.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{conf} names no base model; pass --base")
+    try:
+        conf = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text, so not an adapter config") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(conf, dict):
+        raise UserError(f"{path} must hold a JSON object, not {type(conf).__name__}")
+    return conf
+
+
+def _recorded_base(adapter: Path, conf: dict[str, Any]) -> str:
+    """The base the adapter names; a final/ directory that was moved still has its base/ next
+    to the adapter, while the recorded absolute path is the old place."""
+    base = conf.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{adapter / 'adapter_config.json'} names no base model; pass --base")
+    moved = adapter.parent / "base"
+    if (not Path(base).exists() and Path(base).is_absolute() and Path(base).name == "base"
+            and (moved / "config.json").exists()):
+        return str(moved)
+    return base
+
+
+def merge_target(out: Path, inputs: list[str | Path], force: bool) -> Path:
+    """Where `lmforge merge` may write: a new path, an empty directory, or one lmforge wrote
+    and nobody changed since; anything else only with `force`. Never the current directory or
+    one above it, nor one holding an input: replacing it would delete what is being read."""
+    target = Path(os.path.abspath(out))  # `.` and `..` resolved; a symlink itself stays
+    real, cwd = target.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise UserError(f"--out {out}: refusing to replace the current directory or one above it; "
+                        "name a new directory")
+    for inp in inputs:
+        p = Path(inp)
+        if p.exists() and (p.resolve() == real or real in p.resolve().parents):
+            raise UserError(f"--out {out} holds {inp}, which this merge reads; name another directory")
+    above = next(a for a in target.parents if a.exists())
+    if not above.is_dir():
+        raise UserError(f"--out {out}: {above} is a file, so nothing can be written below it")
+    if force or not (target.exists() or target.is_symlink()):
+        return target
+    if target.is_symlink() or not target.is_dir():
+        raise UserError(f"--out {out} is an existing file or link, not a directory lmforge "
+                        "wrote; pass --force to replace it")
+    foreign = foreign_entries(target)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out {out} is not empty and holds what lmforge did not write ({shown}); "
+                        "pass --force to replace it")
+    return target
+
+
+def merge_cli(adapter: Path, base: str | None, out: Path, force: bool = False) -> None:
+    """`lmforge merge ADAPTER [--base B] --out DIR [--force]`: a standalone HF dir from base +
+    adapter. ADAPTER may also be an adapter run's final/ (its adapter/ is used)."""
+    if not (adapter / "adapter_config.json").exists() and (adapter / "adapter" / "adapter_config.json").exists():
+        adapter = adapter / "adapter"
+    conf = read_adapter_config(adapter)
+    base = base or _recorded_base(adapter, conf)
+    target = merge_target(out, [adapter, base], force)  # before the slow part, not after
     merged = merge_adapter(adapter, base)
-    tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(base)
-    save_hf(merged, out, load_tokenizer(tok_src))
+    tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").exists() else base)
+    try:
+        if target.is_symlink() or target.is_file():  # only with force; the link, not its target
+            target.unlink()
+        save_hf(merged, target, tokenizer)
+    except OSError as e:  # permissions, a full disk: the atomic write left nothing finished-looking
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"merged {adapter} into {base} -> {out}")

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lmforge.errors import UserError
-from lmforge.io import check_local_or_hub
+from lmforge.io import atomic_write_text, check_local_or_hub
 
 # transformers 5 writes its own class name, which 4.x cannot resolve; this one both know.
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
@@ -64,20 +64,52 @@ def save_tokenizer(
         additional_special_tokens=extra_special_tokens,
         model_max_length=model_max_length,
     )
-    fast.save_pretrained(out)
-    make_portable(out)
+    save_portable(fast, out)
     return fast
 
 
+def save_portable(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """`save_pretrained` plus `make_portable`: every tokenizer lmforge writes goes through here."""
+    tokenizer.save_pretrained(out)
+    make_portable(out)
+
+
 def make_portable(tok_dir: Path) -> None:
-    """Name a tokenizer class that transformers 4.x and 5.x (and vLLM, lm-eval) both resolve."""
+    """Rewrite a saved tokenizer_config.json so transformers 4.4x-4.5x and 5.x (and vLLM,
+    lm-eval, which embed one of them) all load the same tokenizer:
+    - a class both resolve (5.x writes `TokenizersBackend`, unknown to 4.x);
+    - the chat template inline as well: 5.x writes only chat_template.jinja, which older 4.x
+      (4.46 among them) never reads; 5.x prefers the file when both exist, and both hold the
+      same text;
+    - extra special tokens as `additional_special_tokens`: 5.x writes a list under
+      `extra_special_tokens`, a key 4.47-4.57 require to be a dict (they crash on a list) and
+      4.46 ignores; 5.x reads the old key back into the same list."""
     cfg_path = tok_dir / "tokenizer_config.json"
     if not cfg_path.exists():
         return
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
         cfg["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
-    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    template = _saved_templates(tok_dir)
+    if template is not None:
+        cfg["chat_template"] = template
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, list):
+        if extra and not cfg.get("additional_special_tokens"):
+            cfg["additional_special_tokens"] = extra
+        del cfg["extra_special_tokens"]
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def _saved_templates(tok_dir: Path) -> str | list[dict[str, str]] | None:
+    """The chat template(s) 5.x saved as files, in the form 4.x reads from tokenizer_config:
+    one string, or (named templates in chat_templates/) a list of {name, template}."""
+    default = tok_dir / "chat_template.jinja"
+    named = sorted((tok_dir / "chat_templates").glob("*.jinja"))
+    if not named:
+        return default.read_text(encoding="utf-8") if default.is_file() else None
+    out = [{"name": "default", "template": default.read_text(encoding="utf-8")}] if default.is_file() else []
+    return out + [{"name": f.stem, "template": f.read_text(encoding="utf-8")} for f in named]
 
 
 def resolve_tokenizer_dir(path: Path) -> Path:

@@ -1,7 +1,9 @@
-"""Chat templates: exact renderings and loss masks per builtin, the markers' contract."""
+"""Chat templates: exact renderings and loss masks per builtin, the markers' contract, and
+the template as saved (where transformers 4.x and 5.x each look for it)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from lmforge.chat import (
     stop_token_ids,
 )
 from lmforge.errors import UserError
+from lmforge.tokenizer import load_tokenizer, make_portable, save_portable
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -127,3 +130,33 @@ def test_preview_marks_loss_tokens(chat_tok) -> None:
     install_format(chat_tok, resolve_format(chat_tok, "lmforge"))
     shown = mark_loss_tokens(chat_tok, render(chat_tok, [CONV[1:3]])[0])
     assert shown == "<|user|>\nAdd 2 and 3.<|end|>\n<|assistant|>\n[[5<|end|>]]\n"
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_saved_template_is_where_both_generations_look(chat_tok, tmp_path: Path, name: str) -> None:
+    """5.x reads chat_template.jinja, 4.x (4.46 among them) only tokenizer_config.json's key:
+    both hold the installed template, and it reloads to the same rendering."""
+    fmt = resolve_format(chat_tok, name)
+    install_format(chat_tok, fmt)
+    save_portable(chat_tok, tmp_path)
+    tc = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert tc["chat_template"] == (tmp_path / "chat_template.jinja").read_text(encoding="utf-8")
+    assert tc["chat_template"] == fmt.template
+    back = load_tokenizer(tmp_path)
+    assert back.chat_template == fmt.template
+    assert render(back, [CONV]) == render(chat_tok, [CONV])
+    make_portable(tmp_path)  # idempotent: a second pass changes no byte
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8")) == tc
+
+
+def test_named_templates_are_saved_as_4x_reads_them(tmp_path: Path) -> None:
+    """Several templates: 5.x writes chat_templates/NAME.jinja; 4.x reads [{name, template}]."""
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "TokenizersBackend"}')
+    (tmp_path / "chat_template.jinja").write_text("D")
+    (tmp_path / "chat_templates").mkdir()
+    (tmp_path / "chat_templates" / "tool_use.jinja").write_text("T")
+    make_portable(tmp_path)
+    tc = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert tc["chat_template"] == [{"name": "default", "template": "D"},
+                                   {"name": "tool_use", "template": "T"}]
+    assert tc["tokenizer_class"] == "PreTrainedTokenizerFast"

@@ -1,4 +1,5 @@
-"""Models: preset sizes, portable HF directories (round trip, tied/untied, config spellings)."""
+"""Models: preset sizes, portable HF directories (round trip, tied/untied, config spellings),
+damaged weights met by load_model (and so by eval and generate)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from lmforge.models import (
     save_hf,
 )
 from lmforge.tokenizer import save_tokenizer, train_bpe
+from tests.conftest import micro_llama, run_cli
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "class A:\n    pass\n"] * 20
 
@@ -28,9 +30,9 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "class A:\n    pass\n"] * 20
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("tok")
-    tok = train_bpe(TEXTS, 275, ["<|bos|>", "<|endoftext|>", "<|pad|>"], min_frequency=1)
+    tok = train_bpe(TEXTS, 275, ["<|bos|>", "<|endoftext|>", "<|pad|>", "<|user|>"], min_frequency=1)
     return save_tokenizer(tok, d, bos_token="<|bos|>", eos_token="<|endoftext|>",
-                          pad_token="<|pad|>", extra_special_tokens=[])
+                          pad_token="<|pad|>", extra_special_tokens=["<|user|>"])
 
 
 def _params(preset: str, vocab: int = 8192) -> int:
@@ -74,6 +76,12 @@ def test_saved_config_speaks_both_transformers_generations(tmp_path: Path, token
     assert conf["architectures"] == ["LlamaForCausalLM"]
     tc = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
     assert tc["tokenizer_class"] == "PreTrainedTokenizerFast"  # a class 4.x knows
+    # 4.x's name for the list; 4.47-4.57 crash on a list under 5.x's `extra_special_tokens`
+    assert tc["additional_special_tokens"] == ["<|user|>"] and "extra_special_tokens" not in tc
+    back = AutoTokenizer.from_pretrained(tmp_path / "m")  # and 5.x reads it back the same
+    assert back.get_vocab() == tokenizer.get_vocab()
+    assert back.all_special_tokens == tokenizer.all_special_tokens
+    assert back("<|user|>x")["input_ids"] == tokenizer("<|user|>x")["input_ids"]
     assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left nothing behind
 
 
@@ -106,3 +114,35 @@ def test_load_model_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a Hugging Face model directory"):
         load_model(tmp_path / "empty")
+
+
+def _damage(d: Path, how: str) -> None:
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    f.write_bytes({"half": raw[: len(raw) // 2], "last byte": raw[:-1], "empty": b"",
+                   "header": raw[:8] + b"{" * (len(raw) - 8)}[how])
+
+
+@pytest.mark.parametrize("how", ["half", "last byte", "empty", "header"])
+def test_damaged_weights_are_one_line_naming_the_file(tmp_path: Path, tokenizer, how: str) -> None:
+    save_hf(micro_llama(vocab=len(tokenizer)), tmp_path / "m", tokenizer)
+    _damage(tmp_path / "m", how)
+    with pytest.raises(UserError) as e:
+        load_model(tmp_path / "m")
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'm' / 'model.safetensors'} is truncated or corrupt (")
+    assert "\n" not in msg
+
+
+def test_damaged_weights_through_generate_and_eval(tmp_path: Path, tokenizer) -> None:
+    m = tmp_path / "final"
+    save_hf(micro_llama(vocab=len(tokenizer)), m, tokenizer)
+    _damage(m, "half")
+    want = f"{m / 'model.safetensors'} is truncated or corrupt"
+    for args in (["generate", str(m), "--prompt", "x"],
+                 ["eval", str(m), "--task", "synthetic-code", "--limit", "1", "--out", str(tmp_path / "ev")]):
+        r = run_cli(*args)
+        assert r.returncode == 2, (args[0], r.stderr[-3000:])
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert want in r.stderr, r.stderr
+    assert not (tmp_path / "ev" / "summary.json").exists()

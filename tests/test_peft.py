@@ -4,6 +4,8 @@ rows, and the adapter -> merged-model round trip (export_peft, merge_cli) on mic
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
+from lmforge.chat import install_format, resolve_format
 from lmforge.config import LoraCfg
 from lmforge.errors import UserError
 from lmforge.models import (
@@ -19,11 +22,13 @@ from lmforge.models import (
     check_targets,
     count_params,
     export_peft,
+    foreign_entries,
     linear_module_names,
     load_model,
     merge_cli,
     save_hf,
 )
+from lmforge.tokenizer import PORTABLE_TOKENIZER_CLASS, load_tokenizer
 from tests.conftest import VOCAB, make_chat_tokenizer, micro_llama
 
 LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj",
@@ -189,9 +194,14 @@ def test_export_and_merge_round_trip(tok, tmp_path: Path, method: str, n_new: in
     out = tmp_path / "final"
     export_peft(peft_model, out, tok, base=str(base_dir))
     conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert conf["base_model_name_or_path"] == str(base_dir)
+    # the base the adapter loads on: the original when it has every row the adapter uses, else
+    # the grown copy written next to the adapter; absolute, so it loads from any directory
+    grown = out.resolve() / "base"
+    assert conf["base_model_name_or_path"] == str(grown if n_new else base_dir.resolve())
+    assert (out / "base").exists() == bool(n_new)
     assert conf["use_dora"] == (method == "dora") and conf["use_rslora"] is True
     assert (out / "tokenizer_config.json").exists() and (out / "config.json").exists()
+    assert foreign_entries(out) == []  # every file listed as lmforge's, adapter/ and base/ too
 
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert merged.dtype == torch.float32 and merged.config.vocab_size == V
@@ -200,17 +210,115 @@ def test_export_and_merge_round_trip(tok, tmp_path: Path, method: str, n_new: in
         got = merged(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
-    out2 = tmp_path / "merged_cli"
-    merge_cli(out / "adapter", None, out2)  # the base comes from adapter_config.json
-    merged2 = AutoModelForCausalLM.from_pretrained(out2).eval()
-    with torch.no_grad():
-        got2 = merged2(input_ids=ids).logits
-    assert torch.allclose(got2, want, atol=1e-4), (got2 - want).abs().max()
+    # the base from adapter_config.json, and the original base grown again at merge time
+    for name, base in (("merged_cli", None), ("merged_orig", str(base_dir))):
+        merge_cli(out / "adapter", base, tmp_path / name)
+        merged2 = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        with torch.no_grad():
+            got2 = merged2(input_ids=ids).logits
+        assert torch.allclose(got2, want, atol=1e-4), (name, (got2 - want).abs().max())
 
 
 def test_merge_cli_rejects_non_adapter_dir(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no adapter_config.json"):
         merge_cli(tmp_path, None, tmp_path / "out")
+
+
+# ------------------------------------------------------- the adapter dir as a client loads it
+
+
+def sft_adapter_run(tmp_path: Path, method: str = "lora") -> tuple[Path, Path]:
+    """What an SFT adapter run leaves: a base pretrained without the chat template's tokens,
+    chatml installed on its tokenizer (two new special tokens, as `lmforge sft` does), LoRA plus
+    trainable rows for them, perturbed so the adapter moves every logit, exported.
+    Returns (final/, the original base)."""
+    make_chat_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    base_dir = tmp_path / "base"
+    save_hf(micro_llama(seed=3, vocab=len(tok)), base_dir, tok)
+    fmt = resolve_format(tok, "chatml")
+    assert install_format(tok, fmt) == ["<|im_start|>", "<|im_end|>"]
+    model = load_model(base_dir)
+    add_rows_for_new_tokens(model, len(tok))
+    template_ids = [tok.convert_tokens_to_ids(t) for t in fmt.special_tokens]
+    peft_model = apply_lora(model, LoraCfg(method=method, r=4, alpha=8), template_ids)
+    _perturb_trainables(peft_model)
+    export_peft(peft_model, tmp_path / "final", tok, base=str(base_dir))
+    return tmp_path / "final", base_dir
+
+
+CONV = [{"role": "user", "content": "def add(a, b):"}, {"role": "assistant", "content": "return a + b"}]
+
+
+def merged_logits_tol(want: torch.Tensor, r: int = 4) -> float:
+    """How far float64 logits of peft(base, adapter) may sit from those of the merged model
+    (also run in float64). The passes differ only through the merged weights, computed and
+    stored in fp32: each carries at most k roundings of relative size u = 2^-24, k = r (the
+    rank-r sum in B@A) + 2 (scale, add) + log2(64) (DoRA's pairwise column norm over at most
+    64 inputs). To first order a logit passes 16 matrices of micro_llama (embedding, 7 per
+    layer, head), each adding at most k*u relative error: 16 * k * u * max|logits|, ~1.1e-5
+    relative; the measured gap is ~30x below it, the adapter's own effect ~1e5x above."""
+    return 16 * (r + 2 + math.log2(64)) * 2.0**-24 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_readme_load_gives_the_merged_logits(tmp_path: Path, method: str) -> None:
+    """The two-line load the adapter's README prints, run as printed: peft on the recorded base
+    gives final/'s logits (see merged_logits_tol for the tolerance)."""
+    final, _ = sft_adapter_run(tmp_path, method)
+    readme = (final / "adapter" / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S)
+    assert code is not None, readme
+    ns: dict = {}
+    exec(code.group(1), ns)  # noqa: S102  (a file this test's own export wrote)
+    model, tok = ns["model"].eval(), ns["tokenizer"]
+    assert str((final / "base").resolve()) in code.group(1)  # the grown base, by absolute path
+    ids = torch.tensor([tok.apply_chat_template(CONV, tokenize=True, return_dict=True)["input_ids"]])
+    assert {tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")} <= set(ids[0].tolist())
+    merged = AutoModelForCausalLM.from_pretrained(final).eval()
+    with torch.no_grad():
+        got = model.double()(input_ids=ids).logits
+        want = merged.double()(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(final / "base").double()(input_ids=ids).logits
+    tol = merged_logits_tol(want)
+    assert (got - want).abs().max().item() <= tol
+    assert (got - plain).abs().max().item() > 1e3 * tol  # the adapter matters: not a vacuous match
+
+
+def test_grown_base_is_the_original_plus_mean_rows(tmp_path: Path) -> None:
+    final, base_dir = sft_adapter_run(tmp_path)
+    orig = AutoModelForCausalLM.from_pretrained(base_dir).get_input_embeddings().weight
+    grown = AutoModelForCausalLM.from_pretrained(final / "base").get_input_embeddings().weight
+    n = orig.size(0)
+    assert grown.shape == (n + 2, orig.size(1))
+    assert torch.equal(grown[:n], orig)
+    assert torch.equal(grown[n:], orig.mean(0, keepdim=True).expand(2, -1))
+    assert len(load_tokenizer(final / "base")) == n + 2  # its tokenizer has the rows' tokens
+
+
+def test_adapter_tokenizer_is_portable(tmp_path: Path) -> None:
+    """adapter/ gets the tokenizer treatment final/ gets: a class 4.x knows, the template inline
+    (and as a file for 5.x), and it reloads to the same tokenizer as final/'s."""
+    final, _ = sft_adapter_run(tmp_path)
+    for d in (final, final / "adapter", final / "base"):
+        tc = json.loads((d / "tokenizer_config.json").read_text())
+        assert tc["tokenizer_class"] == PORTABLE_TOKENIZER_CLASS, d
+        assert tc["chat_template"] == (d / "chat_template.jinja").read_text(), d
+        assert "extra_special_tokens" not in tc, d  # a list there crashes transformers 4.47-4.57
+    a, f = load_tokenizer(final / "adapter"), load_tokenizer(final)
+    assert a.get_vocab() == f.get_vocab() and a.chat_template == f.chat_template
+    assert a.apply_chat_template(CONV, tokenize=False) == f.apply_chat_template(CONV, tokenize=False)
+
+
+def test_moved_final_dir_still_merges(tmp_path: Path) -> None:
+    """The recorded base is absolute; a final/ moved elsewhere still has base/ by the adapter."""
+    final, _ = sft_adapter_run(tmp_path / "run")
+    moved = tmp_path / "moved"
+    final.rename(moved)
+    merge_cli(moved / "adapter", None, tmp_path / "merged")
+    a = AutoModelForCausalLM.from_pretrained(moved).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------- QLoRA
