@@ -8,19 +8,76 @@ from __future__ import annotations
 
 import difflib
 import json
+import types
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from lmforge.errors import UserError
 
 
-class Cfg(BaseModel):
-    """Base of every config: unknown keys are errors, and nothing mutates after validation."""
+def _unwrap(ann: Any) -> Any:
+    while get_origin(ann) is Annotated:
+        ann = get_args(ann)[0]
+    return ann
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+def _is_union(ann: Any) -> bool:
+    return get_origin(ann) in (Union, types.UnionType)
+
+
+def _admits(ann: Any, kinds: tuple[type, ...]) -> bool:
+    """Does the type `ann` take a scalar of one of `kinds` as such (not by conversion)?"""
+    ann = _unwrap(ann)
+    if ann is Any:
+        return True
+    if _is_union(ann):
+        return any(_admits(a, kinds) for a in get_args(ann))
+    if get_origin(ann) is Literal:
+        return any(isinstance(v, kinds) for v in get_args(ann))
+    return isinstance(ann, type) and issubclass(ann, kinds)
+
+
+def _bool_as_number(value: Any, ann: Any) -> bool:
+    """True when `value` holds a bool where `ann` wants a number and no bool: pydantic's lax
+    mode would read it as 1 or 0. Containers are checked item by item; sub-configs check
+    their own fields."""
+    ann = _unwrap(ann)
+    if isinstance(value, bool):
+        return _admits(ann, (int, float)) and not _admits(ann, (bool,))
+    if _is_union(ann):
+        return any(_bool_as_number(value, a) for a in get_args(ann))
+    origin, args = get_origin(ann), get_args(ann)
+    if isinstance(value, (list, tuple)) and origin in (list, tuple, set, frozenset):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return any(_bool_as_number(v, a) for v, a in zip(value, args))
+        return bool(args) and any(_bool_as_number(v, args[0]) for v in value)
+    if isinstance(value, dict) and origin is dict and len(args) == 2:
+        return any(_bool_as_number(v, args[1]) for v in value.values())
+    return False
+
+
+class Cfg(BaseModel):
+    """Base of every config: unknown keys are errors, and nothing mutates after validation.
+
+    Two of pydantic's lax conversions are refused for every field of every config: a boolean
+    where a number is expected (`max_steps: true` would train 1 step) and a non-finite float
+    (`lr: .inf` would validate against `gt=0` and wreck the run at step 1); no setting has a
+    meaning for inf or nan, "no limit" is spelled `null`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(),
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _bool_as_number(value, field.annotation):
+            raise ValueError("a boolean is not a number here; write the number")
+        return value
 
 
 # --------------------------------------------------------------------------- shared parts
@@ -308,7 +365,22 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw  # not YAML: keep the string and let the schema judge it
+    else:
+        if _cut_by_comment(raw):
+            # `run.dir=/tmp/x #1`: YAML reads ` #1` as a comment and would silently drop it;
+            # on a command line nobody writes comments, so the whole text is the value
+            value = raw
     return key.split("."), value
+
+
+def _cut_by_comment(raw: str) -> bool:
+    """Does YAML stop reading `raw` before its end (the rest being a comment)?"""
+    try:
+        node = yaml.compose(raw)
+    except yaml.YAMLError:
+        return False
+    end = node.end_mark.index if node is not None else 0
+    return bool(raw[end:].strip())
 
 
 def set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -349,7 +421,11 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        data_bytes = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    text = decode_config(data_bytes, path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -361,6 +437,27 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of keys at the top level")
     return data, _key_lines(text)
+
+
+def decode_config(data: bytes, path: Path) -> str:
+    """A config file's text: UTF-8 (a BOM allowed); anything else is one line naming the file,
+    its encoding where a BOM or NUL bytes give it away, and the first bad byte's position."""
+    # UTF-16 (with or without its BOM) puts a NUL next to every ASCII character
+    head = data[:64]
+    wide = len(head) >= 4 and any(all(b == 0 for b in head[i::2]) and all(head[1 - i::2])
+                                  for i in (0, 1))
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or wide:
+        raise UserError(f"{path}: config file is UTF-16 (or another wide) encoded; save it as UTF-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: config file is not UTF-8 text (byte 0x{data[e.start]:02x} "
+                        f"at offset {e.start}); save it as UTF-8") from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise UserError(f"{path}:{line}: config file holds NUL bytes (a binary file?)")
+    return text.removeprefix("\ufeff")
 
 
 def _fields_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -393,10 +490,15 @@ def format_validation_error(
     loc = tuple(e["loc"])
     path = ".".join(str(p) for p in loc)
     key = tuple(str(p) for p in loc)
-    if key in overridden:
-        where = f"override {path}"
-    elif key in lines:
-        where = f"{source}:{lines[key]}"
+    # the longest prefix decides: an override of `optim.betas` owns `optim.betas.1`, and a
+    # value set by an override never came from the file, whatever line the file gave it
+    prefixes = [key[:n] for n in range(len(key), 0, -1)]
+    by_override = next((p for p in prefixes if p in overridden), None)
+    by_line = next((p for p in prefixes if p in lines), None)
+    if by_override is not None:
+        where = f"override {'.'.join(by_override)}"
+    elif by_line is not None:
+        where = f"{source}:{lines[by_line]}"
     else:
         where = source
     if e["type"] == "extra_forbidden":

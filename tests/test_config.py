@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, get_args, get_origin
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from lmforge.config import PipelineCfg, PretrainCfg, load_config, parse_override, read_yaml
+from lmforge.config import (
+    EvalCfg,
+    PipelineCfg,
+    PretrainCfg,
+    load_config,
+    parse_override,
+    read_yaml,
+)
 from lmforge.errors import UserError
 from lmforge.pipeline import _check, stage_overrides
 from lmforge.stages import STAGES
@@ -89,3 +97,104 @@ def test_bad_yaml_names_line(tmp_path: Path) -> None:
     f.write_text("train:\n  max_steps: [1\n")
     with pytest.raises(UserError, match=rf"{f}:\d+: invalid YAML"):
         read_yaml(f)
+
+
+# --------------------------------------------------------------------------- strict values
+
+
+def _leaves(cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, set[Any]]]:
+    """(dotted key, the types a leaf field takes) for every scalar field below `cls`."""
+    out = []
+    for name, f in cls.model_fields.items():
+        if get_origin(f.annotation) in (list, tuple, dict, set):
+            continue  # containers: test_booleans_inside_lists_and_in_files
+        args = {a for a in get_args(f.annotation) if a is not type(None)} or {f.annotation}
+        sub = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None:
+            out += _leaves(sub, (*prefix, name))
+        else:
+            out.append((".".join((*prefix, name)), args))
+    return out
+
+
+NUMERIC = sorted({(cls, key) for cls in STAGES.values() for key, types in _leaves(cls)
+                  if types & {int, float} and bool not in types}, key=str)
+FLOATS = [(cls, key) for cls, key in NUMERIC if float in dict(_leaves(cls))[key]]
+
+
+def test_the_sweeps_cover_the_known_numeric_fields() -> None:
+    keys = {key for _, key in NUMERIC}
+    assert {"train.max_steps", "optim.lr", "data.seq_len", "vocab_size", "temperature"} <= keys
+    assert {"optim.lr", "top_p", "sandbox.timeout_s"} <= {key for _, key in FLOATS}
+
+
+@pytest.mark.parametrize("cls,key", NUMERIC, ids=lambda x: x if isinstance(x, str) else x.__name__)
+def test_no_numeric_field_takes_a_boolean(cls: type, key: str) -> None:
+    # lax pydantic would read `true` as 1: `train.max_steps=true` trained one step
+    for raw in ("true", "false"):
+        with pytest.raises(UserError, match=rf"^override {key}: .*boolean is not a number"):
+            load_config(cls, None, [f"{key}={raw}"])
+
+
+@pytest.mark.parametrize("cls,key", FLOATS, ids=lambda x: x if isinstance(x, str) else x.__name__)
+def test_no_float_field_takes_a_non_finite_value(cls: type, key: str) -> None:
+    for raw in (".inf", "-.inf", ".nan", "nan", "inf"):
+        with pytest.raises(UserError, match=rf"^override {key}: .*finite number"):
+            load_config(cls, None, [f"{key}={raw}"])
+
+
+def test_booleans_inside_lists_and_in_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"override optim\.betas: .*boolean"):
+        load_config(PretrainCfg, None, ["optim.betas=[true, 0.9]"])
+    with pytest.raises(UserError, match=r"override k: .*boolean"):
+        load_config(EvalCfg, None, ["k=[1, true]"])
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: yes\n")  # YAML 1.1: a bool
+    with pytest.raises(UserError, match=rf"^{f}:2: train.max_steps = true: .*boolean"):
+        load_config(PretrainCfg, f)
+    # real booleans and real numbers are untouched
+    cfg = load_config(PretrainCfg, None, ["model.tie_embeddings=false", "train.max_steps=3",
+                                          "optim.betas=[0.8, 1]", "train.clip_grad=null"])
+    assert cfg.model.tie_embeddings is False and cfg.train.max_steps == 3
+    assert cfg.optim.betas == (0.8, 1.0) and cfg.train.clip_grad is None
+
+
+def test_an_override_yaml_would_cut_at_a_comment_stays_whole() -> None:
+    assert parse_override("run.dir=/tmp/x #1")[1] == "/tmp/x #1"
+    assert parse_override("run.dir=#1")[1] == "#1"  # YAML: a comment, i.e. null
+    assert parse_override("run.dir=/tmp/x#1")[1] == "/tmp/x#1"  # no comment for YAML either
+    assert parse_override('run.dir="a #b"')[1] == "a #b"
+    assert load_config(PretrainCfg, None, ["run.dir=/tmp/x #1"]).run.dir == Path("/tmp/x #1")
+    # where a string cannot be the value, the whole text is refused, not its first part
+    with pytest.raises(UserError, match=r'override train.max_steps: .*"5 # five"'):
+        load_config(PretrainCfg, None, ["train.max_steps=5 # five"])
+
+
+def test_a_bad_list_item_is_blamed_on_the_override(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  betas: [0.9, 0.95]\n")
+    for path in (f, None):  # not on the file's line, nor on <defaults>
+        with pytest.raises(UserError) as e:
+            load_config(PretrainCfg, path, ["optim.betas=[0.9,abc]"])
+        assert str(e.value).startswith('override optim.betas: optim.betas.1 = "abc"')
+    f.write_text("optim:\n  betas: [0.9, abc]\n")  # and a bad item in the file is on its line
+    with pytest.raises(UserError, match=rf"^{f}:2: optim.betas.1"):
+        load_config(PretrainCfg, f)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"run:\n  dir: x\xff\n", ":2: config file is not UTF-8 text (byte 0xff"),
+    ("run:\n  dir: x\n".encode("utf-16"), ": config file is UTF-16"),
+    ("run:\n  dir: x\n".encode("utf-16-le"), ": config file is UTF-16"),
+    (bytes(range(256)) * 4, ": config file"),
+    (b"run:\n  dir: x\x00\n", ":2: config file holds NUL bytes"),
+], ids=["latin1", "utf16-bom", "utf16-no-bom", "binary", "nul"])
+def test_a_config_that_is_not_utf8_is_one_error_naming_it(tmp_path: Path, content: bytes,
+                                                          needle: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_bytes(content)
+    with pytest.raises(UserError) as e:
+        load_config(PretrainCfg, f)
+    assert str(e.value).startswith(str(f)) and needle in str(e.value), str(e.value)
+    f.write_bytes(b"\xef\xbb\xbfrun:\n  dir: x\n")  # UTF-8 with a BOM is fine
+    assert load_config(PretrainCfg, f).run.dir == Path("x")
