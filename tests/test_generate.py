@@ -38,3 +38,12 @@ def test_bad_sampling_settings() -> None:
         SampleCfg(top_p=1.5).check()
     with pytest.raises(UserError, match="temperature"):
         SampleCfg(temperature=-0.1).check()
+
+
+@pytest.mark.parametrize("kw", [{"temperature": float("nan")}, {"temperature": float("inf")},
+                                {"top_p": float("nan")}, {"top_p": float("inf")}])
+def test_non_finite_sampling_settings_are_refused(kw: dict[str, float]) -> None:
+    # nan compares False with everything: unchecked, `temperature > 0` is False and
+    # generation silently turns greedy
+    with pytest.raises(UserError, match=next(iter(kw))):
+        SampleCfg(**kw).check()

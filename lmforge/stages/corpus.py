@@ -121,6 +121,14 @@ def main(cfg: CorpusCfg) -> dict[str, Any]:
     print(f"corpus: read {read.files_seen} files -> {len(read.documents)} documents "
           f"({len(read.undecodable)} undecodable skipped)")
 
+    undecodable = ""
+    if read.undecodable:
+        undecodable = (f"{len(read.undecodable)} of {read.files_seen} files undecodable "
+                       f"(not UTF-8), e.g. {read.undecodable[0]}")
+    if not read.documents:
+        # nothing was read at all: the size filter has nothing to say about it
+        raise UserError(f"no documents read from {read.files_seen} files: "
+                        + (undecodable or "the .jsonl files hold no rows"))
     docs = normalize(read.documents, cfg.normalize)
     too_short = sum(len(d.text) < cfg.min_chars for d in docs)
     too_long = sum(len(d.text) > cfg.max_chars for d in docs)
@@ -131,6 +139,7 @@ def main(cfg: CorpusCfg) -> dict[str, Any]:
         raise UserError(
             f"no document survives the size filters ({len(read.documents)} read, {too_short} "
             f"shorter than min_chars={cfg.min_chars}, {too_long} longer than max_chars={cfg.max_chars})"
+            + (f"; {undecodable}" if undecodable else "")
         )
 
     docs, exact_duplicates, near_duplicates, lsh = dedup(docs, cfg)

@@ -34,10 +34,14 @@ Autocast = Callable[[], AbstractContextManager[None]]
 
 
 def parse_task(spec: str) -> tuple[str, str | None]:
+    """`name` or `perplexity:PATH` / `text:PATH`; a path must exist (said before a model is
+    loaded, not after: an empty one would otherwise score nothing and report null)."""
     name, _, arg = spec.partition(":")
     if name in PREFIXED:
-        if not arg:
+        if not arg.strip():
             raise UserError(f"tasks: {spec!r} needs a path: {name}:PATH")
+        if not Path(arg).exists():
+            raise UserError(f"tasks: {spec!r}: no such file or directory: {arg}")
         return name, arg
     if name not in EVAL_TASKS or arg:
         raise UserError(f"tasks: unknown task {spec!r}; known: {', '.join(EVAL_TASKS)}, "

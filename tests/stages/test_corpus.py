@@ -259,6 +259,28 @@ def test_cli_success_with_an_undecodable_file(tmp_path: Path) -> None:
     assert summary["undecodable_skipped"] == 1 and summary["files_seen"] == 7
 
 
+def test_cli_all_undecodable_names_the_count_and_a_file(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):  # binary blobs named like text: nothing here is UTF-8
+        (src / f"blob{i}.txt").write_bytes(bytes([0xFF, 0xFE, 0x80 + i]) * 200)
+    proc = cli(tmp_path, sources_override(src), f"run.dir={out}")
+    assert_user_error(proc, out, "no documents read from 3 files",
+                      "3 of 3 files undecodable (not UTF-8)", f"e.g. {src / 'blob0.txt'}")
+    assert "size filter" not in proc.stderr
+    assert not (out / "train.jsonl").exists()
+
+
+def test_undecodable_files_are_named_when_the_size_filter_empties_the_corpus(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("short", encoding="utf-8")
+    (src / "b.txt").write_bytes(b"\xff" * 500)
+    with pytest.raises(UserError, match=r"no document survives the size filters .*; 1 of 2 "
+                                        r"files undecodable \(not UTF-8\), e\.g\. .*b\.txt"):
+        run_stage("corpus", cfg_for(src, tmp_path / "out"))
+
+
 # --------------------------------------------------------------------------- decontamination
 
 

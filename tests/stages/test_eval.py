@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from lmforge import sandbox
+from lmforge.errors import UserError
 from lmforge.eval.harness import score_code, summarize
 from lmforge.eval.passk import pass_at_k
+from lmforge.stages.eval import parse_task
 from lmforge.tasks.mbpp import load_mbpp
 from tests.conftest import run_cli
 
@@ -96,3 +98,18 @@ def test_bad_inputs_are_one_line_exit_2(tiny_run: Path, tmp_path: Path) -> None:
     line = _one_line_exit_2(run_cli("eval", final, "--task", "nosuch", "--out", str(tmp_path / "e")))
     assert "unknown task 'nosuch'" in line
     assert not (tmp_path / "c" / "eval.json").exists()
+
+
+def test_an_empty_or_missing_text_set_path_is_an_error(tmp_path: Path) -> None:
+    # refused before a model is loaded: the checkpoint need not exist
+    line = _one_line_exit_2(run_cli("eval", str(tmp_path / "ckpt"), "--task", "perplexity:",
+                                    "--out", str(tmp_path / "a")))
+    assert "tasks: 'perplexity:' needs a path: perplexity:PATH" in line
+    assert not (tmp_path / "a" / "eval.json").exists()
+    with pytest.raises(UserError, match="needs a path"):
+        parse_task("text: ")
+    with pytest.raises(UserError, match=r"no such file or directory: .*nope\.txt"):
+        parse_task(f"perplexity:{tmp_path / 'nope.txt'}")
+    (tmp_path / "set.txt").write_text("x")
+    assert parse_task(f"perplexity:{tmp_path / 'set.txt'}") == ("perplexity", str(tmp_path / "set.txt"))
+    assert parse_task("mbpp") == ("mbpp", None)
