@@ -7,10 +7,17 @@ stderr), 1 on a bug or a failed run, 130/143 on SIGINT/SIGTERM after a clean che
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
-from lmforge.errors import Interrupted, TrainingError, UserError
+from lmforge.errors import Interrupted, Terminated, TrainingError, UserError
+from lmforge.io import storage_error
 from lmforge.stages import STAGES
 
 
@@ -84,14 +91,17 @@ def _eval_overrides(ns: argparse.Namespace, args: list[str]) -> tuple[Path | Non
     """`eval CHECKPOINT --task ...` becomes the stage's config: flags are overrides."""
     path: Path | None = None
     over: list[str] = []
+    # text from flags is quoted (JSON is YAML): `perplexity:` or a path with ` #` or `: ` in
+    # it must reach the config as the string typed, not as YAML's reading of it
     if args and "=" not in args[0]:
         if args[0].endswith((".yaml", ".yml")):
             path = Path(args[0])
         else:
-            over += [f"model.path={args[0]}", f"run.dir={ns.out or _eval_dir(args[0])}"]
+            out = ns.out or str(_eval_dir(args[0]))
+            over += [f"model.path={json.dumps(args[0])}", f"run.dir={json.dumps(out)}"]
         args = args[1:]
     elif ns.out:
-        over.append(f"run.dir={ns.out}")
+        over.append(f"run.dir={json.dumps(ns.out)}")
     tasks = [t for arg in ns.task for t in arg.split(",") if t]
     flags = {"tasks": tasks or None, "n": ns.n, "temperature": ns.temperature,
              "batch_size": ns.batch_size, "limit": ns.limit,
@@ -99,9 +109,15 @@ def _eval_overrides(ns: argparse.Namespace, args: list[str]) -> tuple[Path | Non
              "judge.judge_model": ns.judge_model, "judge.baseline": ns.baseline,
              "k": [x.strip() for x in ns.k.split(",")] if ns.k else None}
     for key, value in flags.items():
-        if value is not None:
-            shown = "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else value
-            over.append(f"{key}={shown}")
+        if value is None:
+            continue
+        if key == "k":  # numbers as typed, so `--k x` is refused as "x", not as a string
+            shown = "[" + ",".join(value) + "]"
+        elif isinstance(value, (list, str)):
+            shown = json.dumps(value)
+        else:  # argparse numbers; `nan`/`inf` reach the schema, which refuses them
+            shown = str(value)
+        over.append(f"{key}={shown}")
     return path, over + args
 
 
@@ -145,6 +161,25 @@ def _dispatch(ns: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C (exit 143): by default it kills the process on the spot,
+    leaving temp files and sandbox dirs behind. The training loop installs its own handler
+    (a checkpoint first) while it runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # `sft C.yaml --preview 2 a.b=c`: overrides after an option are still overrides
@@ -154,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         ns.args = [*ns.args, *extra]
     try:
-        return _dispatch(ns)
+        with _sigterm_raises():
+            return _dispatch(ns)
     except UserError as e:
         print(f"lmforge {ns.command}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -164,9 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"lmforge {ns.command}: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated as e:
+        print(f"lmforge {ns.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"lmforge {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # a full disk or an unwritable place, wherever a stage met it: one line, exit 2
+        out = getattr(ns, "out", None)
+        msg = storage_error(e, Path(out) if out else None)
+        if msg is None:
+            raise
+        print(f"lmforge {ns.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -24,3 +24,14 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
         where = f"; checkpoint saved to {checkpoint}" if checkpoint else ""
         super().__init__(f"interrupted by signal {signum}{where}")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived where no checkpoint is due (outside the training loop, which handles its
+    own). A BaseException like KeyboardInterrupt: no `except Exception` swallows it, and every
+    `finally` on the way out still runs, so temp files go. Exit 128 + signal number."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"terminated by signal {signum}")

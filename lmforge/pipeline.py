@@ -7,13 +7,15 @@ it and every later stage that consumes it (directly or not), since their inputs 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import PipelineCfg, PipelineStageCfg, load_config
+from lmforge.config import Cfg, PipelineCfg, PipelineStageCfg, load_config
 from lmforge.errors import UserError
+from lmforge.io import ensure_writable_dir, storage_errors
 from lmforge.stages import STAGES, run_stage
 
 
@@ -43,12 +45,21 @@ def _to_redo(p: PipelineCfg, force: list[str]) -> set[str]:
     return redo
 
 
-def _resolve(path: Path, pipeline_file: Path) -> Path:
-    """Stage config paths are relative to the working directory, else to the pipeline file."""
-    if path.is_absolute() or path.exists():
-        return path
-    alt = pipeline_file.parent / path
-    return alt if alt.exists() else path
+def _resolve(path: Path, pipeline_file: Path, where: str) -> Path:
+    """A stage config path is relative to the working directory, else to the pipeline file's
+    folder, else to the folder above it: pipelines live in configs/ and name their stage
+    configs `configs/<stage>/x.yaml`, so `lmforge run /abs/configs/tiny.yaml` works from
+    anywhere."""
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        here = Path(os.path.abspath(pipeline_file)).parent
+        candidates = [path, here / path, here.parent / path]
+    for c in candidates:
+        if c.is_file():
+            return c
+    looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    raise UserError(f"{where}: config file not found: {path} (looked for {looked})")
 
 
 def stage_overrides(st: PipelineStageCfg, root: Path, extra: list[str]) -> list[str]:
@@ -79,29 +90,37 @@ def run_pipeline(path: Path, force: list[str] | None = None,
     _check(p, path)
     root = p.dir or Path("runs") / p.name
     redo = _to_redo(p, list(force or []))
-    root.mkdir(parents=True, exist_ok=True)
+    # every stage's config is read and validated before the first stage runs: a typo in the
+    # last stage's settings must not cost the run of the ones before it
+    cfgs = [_stage_cfg(p, i, path, root, per_stage) for i in range(len(p.stages))]
+    ensure_writable_dir(root, "dir")
     summaries: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
-    for st in p.stages:
-        base = _resolve(st.config, path) if st.config else None
-        cfg = load_config(STAGES[st.stage], base,
-                          stage_overrides(st, root, per_stage.get(st.name, [])))
-        done = root / st.name / "summary.json"
-        if done.exists() and st.name not in redo:
-            print(f"[{st.name}] finished earlier; skipped (--force {st.name} to redo)")
-            summaries[st.name] = json.loads(done.read_text())
-            continue
-        if st.name in redo and (root / st.name).exists():
-            # redone means from scratch: an old checkpoint must not be resumed into new inputs
-            shutil.rmtree(root / st.name)
-        print(f"[{st.name}] running stage {st.stage} -> {root / st.name}", flush=True)
-        summaries[st.name] = run_stage(st.stage, cfg)
-        print(f"[{st.name}] done in {summaries[st.name]['wall_time_s']:.1f}s", flush=True)
-    from lmforge.report import write_report
+    with storage_errors(root):
+        for st, cfg in zip(p.stages, cfgs):
+            done = root / st.name / "summary.json"
+            if done.exists() and st.name not in redo:
+                print(f"[{st.name}] finished earlier; skipped (--force {st.name} to redo)")
+                summaries[st.name] = json.loads(done.read_text())
+                continue
+            if st.name in redo and (root / st.name).exists():
+                # redone means from scratch: an old checkpoint must not be resumed into new inputs
+                shutil.rmtree(root / st.name)
+            print(f"[{st.name}] running stage {st.stage} -> {root / st.name}", flush=True)
+            summaries[st.name] = run_stage(st.stage, cfg)
+            print(f"[{st.name}] done in {summaries[st.name]['wall_time_s']:.1f}s", flush=True)
+        from lmforge.report import write_report
 
-    report = write_report(root, p, summaries, time.perf_counter() - t0)
+        report = write_report(root, p, summaries, time.perf_counter() - t0)
     print(f"report: {report}")
     return summaries
+
+
+def _stage_cfg(p: PipelineCfg, i: int, path: Path, root: Path,
+               per_stage: dict[str, list[str]]) -> Cfg:
+    st = p.stages[i]
+    base = _resolve(st.config, path, f"{path}: stages[{i}] ({st.name})") if st.config else None
+    return load_config(STAGES[st.stage], base, stage_overrides(st, root, per_stage.get(st.name, [])))
 
 
 def _stage_names(path: Path) -> list[str]:

@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lmforge import pipeline
 from lmforge.data.pack import TokenWindows
+from lmforge.errors import UserError
 from lmforge.losses.lm import causal_lm_loss
 from tests.conftest import ROOT, run_cli
 
@@ -85,3 +88,39 @@ def test_sigterm_exits_143_with_checkpoint_then_resumes(tiny_run: Path, tmp_path
     assert r.returncode == 0, r.stderr
     assert f"resumed from {ckpts[-1]} at step {k}" in r.stdout
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == k + 3
+
+
+def test_stage_configs_resolve_from_any_working_directory(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lmforge run /abs/configs/tiny.yaml` elsewhere: `configs/corpus/tiny.yaml` is found
+    next to the pipeline's folder; the runs still go under the working directory."""
+    ran: list[tuple[str, Path]] = []
+
+    def fake_stage(stage: str, cfg) -> dict:
+        ran.append((stage, cfg.run.dir))
+        return {"wall_time_s": 0.0}
+
+    monkeypatch.setattr(pipeline, "run_stage", fake_stage)
+    monkeypatch.setattr("lmforge.report.write_report", lambda root, *a: root / "report.md")
+    monkeypatch.chdir(tmp_path)
+    pipeline.run_pipeline(ROOT / "configs" / "tiny.yaml")
+    assert [s for s, _ in ran] == ["corpus", "tokenizer", "pretrain", "sft", "eval"]
+    assert ran[0][1] == Path("runs/tiny/corpus")
+    copy = tmp_path / "elsewhere" / "pipelines"
+    copy.mkdir(parents=True)
+    (copy / "p.yaml").write_text((ROOT / "configs" / "tiny.yaml").read_text())
+    # the same YAML in a folder without configs/ next to it: one line naming the stage
+    with pytest.raises(UserError, match=r"p\.yaml: stages\[0\] \(corpus\): config file not "
+                                        r"found: configs/corpus/tiny\.yaml \(looked for "):
+        pipeline.run_pipeline(copy / "p.yaml")
+
+
+def test_run_from_another_directory_cli(tmp_path: Path) -> None:
+    # the real CLI: every stage config resolves and validates, then an unusable pipeline dir
+    # stops it before the first stage writes anything
+    r = run_cli("run", str(ROOT / "configs" / "tiny.yaml"), "dir=/proc/lmforge-test",
+                cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "dir /proc/lmforge-test: cannot write there" in r.stderr
+    assert list(tmp_path.iterdir()) == []
