@@ -1,14 +1,22 @@
-"""Tokenizer: byte-level BPE round trips any text; bytes/token by hand; unfillable vocab."""
+"""Tokenizer: byte-level BPE round trips any text; bytes/token by hand; unfillable vocab;
+long runs cannot hang training, and a signal stops it at once."""
 
 from __future__ import annotations
 
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from lmforge.errors import UserError
-from lmforge.tokenizer import bytes_per_token, save_tokenizer, train_bpe
+from lmforge.tokenizer import RunGuard, bytes_per_token, save_tokenizer, train_bpe
+from tests.conftest import ROOT
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "print('héllo wörld')  # ünïcode\n"] * 30
 
@@ -37,3 +45,61 @@ def test_bytes_per_token_by_hand() -> None:
 def test_vocab_the_corpus_cannot_fill() -> None:
     with pytest.raises(UserError, match=r"vocab_size=5000 cannot be filled: .* only \d+ tokens"):
         train_bpe(TEXTS, 5000, ["<s>"], min_frequency=2)
+
+
+def test_run_guard_splits_only_long_runs_and_loses_nothing() -> None:
+    guard = RunGuard(max_run=10)
+    texts = ["short words only", "x" * 25 + " tail", " " * 11, "ab" * 5]
+    pieces = list(guard(texts))
+    assert "".join(pieces) == "".join(texts)  # the trainer sees every character
+    assert guard.split == 2  # the 25 x's and the 11 spaces; "abab..." is exactly 10
+    for p in pieces:
+        assert not re.search(r"\S{11,}|\s{11,}", p)
+    assert pieces[:2] == ["short words only", "x" * 10]
+
+
+def test_a_200k_run_of_one_character_trains_in_seconds() -> None:
+    guard = RunGuard()
+    t0 = time.perf_counter()
+    tok = train_bpe([*TEXTS, "a" * 200_000, "=" * 200_000], 280, ["<s>"], 1, guard=guard)
+    took = time.perf_counter() - t0
+    assert guard.split == 2 and tok.get_vocab_size() == 280
+    # unguarded this is ~45 s (BPE time grows with the square of a word's length)
+    assert took < 10, took
+
+
+SIGNAL_SCRIPT = """
+import sys
+import lmforge.tokenizer as T
+T.MAX_RUN = 10**9  # no guard: training a 400k-character word takes minutes
+from lmforge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["sigint", "sigterm"])
+def test_a_signal_stops_bpe_training_at_once(tmp_path: Path, sig: int, code: int) -> None:
+    corpus, out = tmp_path / "corpus", tmp_path / "tok"
+    corpus.mkdir()
+    for split in ("train", "val"):
+        rows = [{"text": t} for t in TEXTS] + [{"text": "a" * 400_000}]
+        (corpus / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT, "tokenizer",
+                             f"corpus={corpus}", f"run.dir={out}", "vocab_size=300"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        assert "training byte-level BPE" in proc.stdout.readline()
+        time.sleep(1.0)  # well inside training
+        sent = time.perf_counter()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert time.perf_counter() - sent < 5
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (out / "summary.json").exists() and not (out / "final").exists()
+    assert not list(out.glob(".final*"))  # no half-written tokenizer either

@@ -8,7 +8,7 @@ from lmforge.config import TokenizerCfg
 from lmforge.data.sources import iter_corpus
 from lmforge.errors import UserError
 from lmforge.io import atomic_dir
-from lmforge.tokenizer import bytes_per_token, save_tokenizer, train_bpe
+from lmforge.tokenizer import RunGuard, bytes_per_token, save_tokenizer, train_bpe
 
 
 def main(cfg: TokenizerCfg) -> dict[str, Any]:
@@ -18,10 +18,14 @@ def main(cfg: TokenizerCfg) -> dict[str, Any]:
     if len(set(specials)) != len(specials):
         raise UserError(f"tokenizer: special tokens must be distinct, got {specials}")
     print(f"tokenizer: training byte-level BPE, vocab {cfg.vocab_size}, on {cfg.corpus}/train.jsonl")
+    guard = RunGuard()
     tok = train_bpe(
         iter_corpus(cfg.corpus, "train", cfg.max_train_bytes),
-        cfg.vocab_size, specials, cfg.min_frequency,
+        cfg.vocab_size, specials, cfg.min_frequency, guard=guard,
     )
+    if guard.split:
+        print(f"tokenizer: split {guard.split} runs of over {guard.max_run} characters without "
+              "a break into pieces (BPE time grows with the square of a word's length)")
     final = cfg.run.dir / "final"
     with atomic_dir(final) as tmp:
         save_tokenizer(
@@ -34,6 +38,8 @@ def main(cfg: TokenizerCfg) -> dict[str, Any]:
     return {
         "vocab_size": tok.get_vocab_size(),
         "special_tokens": specials,
+        "long_runs_split": guard.split,  # runs of > max_run chars cut up before training
+        "max_run": guard.max_run,
         "val_bytes_per_token": round(bpt, 4),
         "train_bytes_per_token": round(train_bpt, 4),
         "val_bytes": n_bytes,
