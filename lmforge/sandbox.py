@@ -27,6 +27,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -172,44 +173,92 @@ def _classify(rc: int | None, wait_status: int | None, out: bytes, nonce: str,
             4: ("error", "sandbox setup failed")}.get(code, ("error", f"exit code {code}"))
 
 
+class _Batch:
+    """The process groups one `run_many` call has running, so that an interrupt can end them
+    all at once (their work dirs then go at once too, not after their timeouts)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: set[int] = set()
+        self.stopped = False
+
+    def add(self, pgid: int) -> bool:
+        """Register a started group; False once stopped (the caller kills it itself: no
+        program started during a stop can slip past it)."""
+        with self.lock:
+            if not self.stopped:
+                self.live.add(pgid)
+            return not self.stopped
+
+    def discard(self, pgid: int) -> None:
+        with self.lock:
+            self.live.discard(pgid)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            groups = list(self.live)
+        for pgid in groups:
+            _kill(pgid, None)
+
+
 def run(code: str, limits: Limits | None = None) -> Result:
     """Run one program; a pass means it ran to its end (see the module docstring)."""
     limits = limits or Limits()
     limits.check()
+    return _run_in_slot(code, limits, None)
+
+
+def _run_in_slot(code: str, limits: Limits, batch: _Batch | None) -> Result:
     slot = _SLOTS.get()  # a uid of its own for as long as it runs
     try:
-        return _run(code, limits, slot)
+        return _run(code, limits, slot, batch)
     finally:
         _SLOTS.put(slot)
 
 
-def _run(code: str, limits: Limits, slot: int) -> Result:
+def _run(code: str, limits: Limits, slot: int, batch: _Batch | None = None) -> Result:
     uid = _UID_BASE + slot if os.geteuid() == 0 else None
     nonce = secrets.token_hex(16)
-    workdir = tempfile.mkdtemp(prefix="lmforge-sandbox-")
-    if uid is not None:
-        os.chown(workdir, uid, uid)
-    os.chmod(workdir, 0o700)
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
-    report_r, report_w = os.pipe()
-    cfg = {"uid": uid, "workdir": workdir, "limits": limits.rlimits(), "report_fd": report_w,
-           "namespaces": limits.namespaces,
-           "interpreter_dirs": _interpreter_dirs()}
+    info: dict[str, Any] = {}
     t0 = time.perf_counter()
+    workdir = tempfile.mkdtemp(prefix="lmforge-sandbox-")
+    # everything from here on is inside try/finally: an interrupt (Ctrl-C, SIGTERM raised as
+    # an exception by the CLI) anywhere still kills the program and removes the work dir
     try:
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        os.chmod(workdir, 0o700)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
+               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            with subprocess.Popen([sys.executable, "-I", "-S", _BOOT, json.dumps(cfg)],
-                                  stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir,
-                                  env=env, start_new_session=True, pass_fds=(report_w,)) as proc:
+            report_r, report_w = os.pipe()
+            cfg = {"uid": uid, "workdir": workdir, "limits": limits.rlimits(),
+                   "report_fd": report_w, "namespaces": limits.namespaces,
+                   "interpreter_dirs": _interpreter_dirs()}
+            try:
+                proc = subprocess.Popen([sys.executable, "-I", "-S", _BOOT, json.dumps(cfg)],
+                                        stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir,
+                                        env=env, start_new_session=True, pass_fds=(report_w,))
+            except BaseException:
+                os.close(report_r)
+                raise
+            finally:
                 os.close(report_w)
-                rc, info, done = _supervise(proc, report_r, code, nonce, limits.timeout_s)
-            if uid is not None and not info.get("layers", {}).get("pid_ns"):
-                _reap_uid(uid)
+            with proc:
+                if batch is not None and not batch.add(proc.pid):
+                    _kill(proc.pid, None)  # the batch is stopping: this one must not run
+                try:
+                    rc, info, done = _supervise(proc, report_r, code, nonce, limits.timeout_s)
+                finally:
+                    if batch is not None:
+                        batch.discard(proc.pid)
             duration = time.perf_counter() - t0
             stdout = _read_capped(out, limits.output_bytes)
             stderr = _read_capped(err, limits.output_bytes)
     finally:
+        if uid is not None and not info.get("layers", {}).get("pid_ns"):
+            _reap_uid(uid)
         shutil.rmtree(workdir, ignore_errors=True)
     err_text = _tail(stderr, limits.output_bytes)
     status, reason = _classify(rc, done.get("wait_status"), stdout, nonce, err_text)
@@ -226,42 +275,55 @@ def _supervise(proc: subprocess.Popen[bytes], report_r: int, code: str, nonce: s
     """Feed the program, wait up to `timeout`, kill everything, read the boot report.
 
     The boot process's group is killed in every case (a finished program may have left
-    children); the program's own process, which may have left that group with setsid, is
-    killed by pid from the report, and with it its PID namespace."""
+    children), an interrupted wait included; the program's own process, which may have left
+    that group with setsid, is killed by pid from the report, and with it its PID namespace."""
+    rc: int | None = None
+    lines: list[dict[str, Any]] = []
     try:
-        proc.stdin.write(json.dumps({"code": code, "nonce": nonce}).encode())  # type: ignore[union-attr]
-        proc.stdin.close()  # type: ignore[union-attr]
-    except BrokenPipeError:
-        pass
-    try:
-        rc: int | None = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        rc = None
-    _kill(proc.pid, None)
-    proc.wait()
-    with os.fdopen(report_r, "r") as rep:  # EOF: the boot process is gone, the child closed it
-        lines = [json.loads(x) for x in rep.read().splitlines() if x.strip()]
-    info = lines[0] if lines else {}
-    _kill(0, info.get("pid"))
-    return rc, info, (lines[1] if len(lines) > 1 else {})
+        try:
+            proc.stdin.write(json.dumps({"code": code, "nonce": nonce}).encode())  # type: ignore[union-attr]
+            proc.stdin.close()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pass
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+    finally:
+        _kill(proc.pid, None)
+        proc.wait()
+        with os.fdopen(report_r, "r") as rep:  # EOF: the boot process is gone, the child closed it
+            lines = [json.loads(x) for x in rep.read().splitlines() if x.strip()]
+        _kill(0, (lines[0] if lines else {}).get("pid"))
+    return rc, (lines[0] if lines else {}), (lines[1] if len(lines) > 1 else {})
 
 
 def run_many(programs: Sequence[str], limits: Limits | None = None, *, workers: int = 2,
              progress: Callable[[int], None] | None = None) -> list[Result]:
-    """Run programs `workers` at a time; results in input order."""
+    """Run programs `workers` at a time; results in input order. Interrupted (Ctrl-C,
+    SIGTERM), it cancels what has not started and kills what runs before re-raising, so no
+    program and no work dir outlives the call."""
     if workers < 1:
         raise UserError(f"sandbox workers must be >= 1, got {workers}")
     limits = limits or Limits()
     limits.check()
+    batch = _Batch()
 
     def one(code: str) -> Result:
-        r = run(code, limits)
+        r = _run_in_slot(code, limits, batch)
         if progress is not None:
             progress(1)
         return r
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         return list(pool.map(one, programs))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        batch.stop()
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def probe(limits: Limits | None = None) -> Isolation:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -188,3 +191,80 @@ def test_bad_limits_are_user_errors() -> None:
         S.run("pass", S.Limits(timeout_s=0))
     with pytest.raises(UserError, match="workers must be >= 1"):
         S.run_many(["pass"], workers=0)
+
+
+INTERRUPT_SCRIPT = """
+import sys
+from lmforge import sandbox
+from lmforge.cli import _sigterm_raises
+from lmforge.errors import Terminated
+
+sleeper = "import time\\ntime.sleep(60)"
+limits = sandbox.Limits(timeout_s=60)
+print("ready", flush=True)
+try:
+    with _sigterm_raises():
+        if sys.argv[1] == "run_many":
+            sandbox.run_many([sleeper] * 6, limits, workers=2)
+        else:
+            sandbox.run(sleeper, limits)
+except KeyboardInterrupt:
+    sys.exit(130)
+except Terminated:
+    sys.exit(143)
+"""
+
+
+def _children(ppids: set[int]) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1]
+                                       .split()[1]) in ppids:
+                found.add(int(entry))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+@pytest.mark.parametrize("mode,sig,code", [("run_many", signal.SIGTERM, 143),
+                                           ("run", signal.SIGINT, 130)])
+def test_an_interrupt_ends_the_programs_and_removes_their_work_dirs(
+        mode: str, sig: int, code: int) -> None:
+    before = _workdirs()
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_SCRIPT, mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _interrupt_and_check(proc, before, mode, sig, code)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _interrupt_and_check(proc: subprocess.Popen[str], before: set[str], mode: str, sig: int,
+                         code: int) -> None:
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    want = 2 if mode == "run_many" else 1
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the programs are running: their dirs and processes
+        mine = _workdirs() - before
+        boots = _children({proc.pid})
+        programs = _children(boots)
+        if len(mine) >= want and len(programs) >= want:
+            break
+        time.sleep(0.1)
+    assert len(mine) >= want and len(programs) >= want
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert time.monotonic() - sent < 5  # not after the programs' 60 s
+    assert not (mine & _workdirs())  # no work dir left, empty or not
+    deadline = time.monotonic() + 3
+    while (boots | programs) & _alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (boots | programs) & _alive()
+
+
+def _alive() -> set[int]:
+    return {int(e) for e in os.listdir("/proc") if e.isdigit()}
