@@ -119,7 +119,8 @@ class TrainCfg(Cfg):
     resume: str = "auto"  # auto | never | a checkpoint path
     micro_batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 where its matmuls are really fast on this device, else fp32 (train/precision.py)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     clip_grad: float | None = Field(1.0, gt=0)
     eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
     eval_batches: int = Field(8, ge=1)
@@ -128,7 +129,11 @@ class TrainCfg(Cfg):
     save_every: int = Field(0, ge=0)  # 0: checkpoint only at the end (and on a signal)
     keep_last: int = Field(2, ge=1)
     max_nonfinite: int = Field(5, ge=1)  # this many non-finite losses in a row abort
-    time_limit_s: float | None = Field(None, gt=0)  # stop cleanly (with a checkpoint) after
+    # a wall-clock budget the schedule respects: the loop times its first steps and fixes the
+    # number of steps (<= max_steps) so that training, evaluations included, fits and the
+    # learning rate still anneals to its end (recorded in the checkpoint: resume stays exact)
+    time_budget_s: float | None = Field(None, gt=0)
+    time_limit_s: float | None = Field(None, gt=0)  # hard guard: stop cleanly mid-schedule after
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch's default
 
     @field_validator("resume")
@@ -223,7 +228,7 @@ class LoraCfg(Cfg):
     train_new_tokens: bool = True
     quant_type: Literal["nf4", "fp4"] = "nf4"  # qlora: the 4-bit base's data type
     double_quant: bool = True  # qlora: quantize the quantization constants too
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # qlora: dtype of the matmuls
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # qlora: dtype of the matmuls
 
 
 class ChatDataCfg(Cfg):
@@ -266,6 +271,9 @@ class TaskEvalCfg(Cfg):
     timeout_s: float = Field(5.0, gt=0)
     workers: int = Field(2, ge=1)
     before: bool = True  # also measure the base model
+    # problems per group for the base model: one that cannot answer yet shows ~0% on a few
+    # as clearly as on all, and its answers run to the length cap, so each one is costly
+    before_n: int | None = Field(40, ge=1)
     signature_prefill: bool = True  # the answer starts at `def name(arg):` (HumanEval-style)
 
 
@@ -318,7 +326,7 @@ class EvalCfg(Cfg):
     split: str = "test"
     n_shot: int | None = Field(None, ge=0)  # few-shot examples (default: the task's own)
     seed: int = 0
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast of generation and scoring
     synthetic: SyntheticTaskCfg = SyntheticTaskCfg(n_eval=50)
     signature_prefill: bool = True  # synthetic-code answers start at `def name(arg):`
     sandbox: SandboxCfg = SandboxCfg()

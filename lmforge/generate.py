@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge.errors import UserError
+from lmforge.train.progress import Ticker
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], stop_ids: l
                    pad_id: int, max_new_tokens: int, batch_size: int = 64, *,
                    temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (),
                    tokenizer: PreTrainedTokenizerBase | None = None,
-                   seed: int = 0) -> list[list[int]]:
+                   seed: int = 0, label: str = "generate") -> list[list[int]]:
     """Continuations of tokenized prompts (greedy at temperature 0), batched with left
     padding; each output ends before its first stop token. With `stop` strings (and the
     `tokenizer`), a row also stops once its text contains one; cut the decoded text with
@@ -109,7 +110,9 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], stop_ids: l
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outs: list[list[int]] = [[] for _ in prompts]
     sample = temperature > 0
+    tick = Ticker(label, len(prompts))
     for b, s in enumerate(range(0, len(order), batch_size)):
+        tick(s)
         idx = order[s:s + batch_size]
         T = max(len(prompts[i]) for i in idx)
         x = torch.full((len(idx), T), pad_id, dtype=torch.long)

@@ -305,9 +305,6 @@ def check_targets(model: nn.Module, targets: list[str] | str) -> None:
                             f"{', '.join(linear_module_names(model))}")
 
 
-_COMPUTE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def load_quantized(path: str, lora: LoraCfg, trust_remote_code: bool = False) -> PreTrainedModel:
     """A 4-bit base for QLoRA (Dettmers et al. 2023): NF4 weights, optionally double-quantized
     constants, matmuls in `compute_dtype`. Everything not quantized is kept in fp32."""
@@ -317,9 +314,15 @@ def load_quantized(path: str, lora: LoraCfg, trust_remote_code: bool = False) ->
         raise UserError("lora.method=qlora needs bitsandbytes: pip install 'lmforge[quant]'") from None
     from transformers import BitsAndBytesConfig
 
+    from lmforge.train.precision import DTYPES, choose
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    choice = choose(lora.compute_dtype, device)  # auto: bf16 only where it is fast here
+    print(f"qlora compute dtype: {choice.line()}")
+    compute = DTYPES[choice.name]
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lora.quant_type,
                            bnb_4bit_use_double_quant=lora.double_quant,
-                           bnb_4bit_compute_dtype=_COMPUTE[lora.compute_dtype])
+                           bnb_4bit_compute_dtype=compute)
     check_local_or_hub(path, "model")
     return AutoModelForCausalLM.from_pretrained(  # type: ignore[no-any-return]
         path, quantization_config=q, dtype=torch.float32, trust_remote_code=trust_remote_code)

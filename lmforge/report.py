@@ -79,8 +79,28 @@ def pretrain_lines(name: str, s: dict[str, Any]) -> list[str]:
         f"**{_fmt(ratio, '.1%')}**{verdict}",
         f"- per byte of val text (comparable across vocab sizes): "
         f"{_fmt(s.get('val_nats_per_byte'), '.3f')} nats = {_fmt(s.get('val_bits_per_byte'), '.3f')} bits",
+        *run_lines(s),
         f"- non-finite steps skipped: {s.get('nonfinite_skipped', 0)}",
     ]
+
+
+def run_lines(s: dict[str, Any]) -> list[str]:
+    """How a training stage ran: the precision chosen and why, and the time budget's plan."""
+    out = []
+    p = s.get("precision") or {}
+    if p:
+        asked = "" if p.get("requested") == p.get("name") else f" ({p.get('requested')})"
+        out.append(f"- precision **{p.get('name')}**{asked}: {p.get('reason')}")
+    b = s.get("time_budget") or {}
+    if b:
+        out.append(f"- time budget {_fmt(b.get('budget_s'), '.0f')}s: planned "
+                   f"{_fmt(s.get('planned_steps'))} steps from {_fmt(b.get('step_s'), '.3f')} s/step "
+                   f"and {_fmt(b.get('eval_s'), '.1f')} s per evaluation; the learning rate "
+                   "anneals over the planned steps")
+    return out
+
+
+D1_TARGET = 0.70  # the demo's SFT target at difficulty 1
 
 
 def sft_lines(name: str, s: dict[str, Any]) -> list[str]:
@@ -98,6 +118,7 @@ def sft_lines(name: str, s: dict[str, Any]) -> list[str]:
         f"dropped {tr.get('dropped_overlong', 0)} overlong + {tr.get('dropped_no_loss', 0)} "
         f"without answer tokens; skipped rows {d.get('rows', {}).get('skipped') or 0}",
         f"- final val loss on answer tokens: {_fmt(s.get('final_val_loss'))}",
+        *run_lines(s),
     ]
     b, a = s.get("before", {}), s.get("after", {})
     if "general_ppl" in a:
@@ -110,8 +131,15 @@ def sft_lines(name: str, s: dict[str, Any]) -> list[str]:
                   "|---|" + "---:|" * len(groups),
                   "| problems | " + " | ".join(str(pa["n_per_group"][g]) for g in groups) + " |"]
         if pb:
-            lines.append("| before | " + " | ".join(_fmt(pb.get(g), ".1%") for g in groups) + " |")
+            n_b = pb.get("n_per_group", {})
+            label = "before" if n_b == pa["n_per_group"] else \
+                f"before (first {max(n_b.values(), default=0)} per group)"
+            lines.append(f"| {label} | " + " | ".join(_fmt(pb.get(g), ".1%") for g in groups) + " |")
         lines.append("| after | " + " | ".join(_fmt(pa.get(g), ".1%") for g in groups) + " |")
+        if "d1" in pa:
+            met = "met" if pa["d1"] >= D1_TARGET else "NOT met"
+            lines += ["", f"Held-out pass@1 at difficulty 1: **{pa['d1']:.1%}** "
+                          f"(target >= {D1_TARGET:.0%}: {met})."]
         lines += ["", "d1-d4: new instances (held out by seed) of compositions seen in training "
                   "(none at d4: training stops at d3); unseen: compositions never trained on."]
     return lines

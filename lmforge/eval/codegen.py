@@ -58,12 +58,13 @@ def pass_at_1(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 
 def eval_splits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Splits,
-                stop_ids: list[int], cfg: TaskEvalCfg,
-                autocast: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """pass@1 per held-out difficulty and on the unseen compositions."""
+                stop_ids: list[int], cfg: TaskEvalCfg, autocast: Any = None,
+                limit: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """pass@1 per held-out difficulty and on the unseen compositions (the first `limit`
+    problems of each group when given)."""
     t0 = time.perf_counter()
-    groups = {f"d{d}": list(ps) for d, ps in sorted(splits.heldout.items())}
-    groups["unseen"] = list(splits.unseen)
+    groups = {f"d{d}": list(ps)[:limit] for d, ps in sorted(splits.heldout.items())}
+    groups["unseen"] = list(splits.unseen)[:limit]
     everything = [p for ps in groups.values() for p in ps]
     rows = pass_at_1(model, tokenizer, everything, stop_ids, cfg, autocast)
     out: dict[str, Any] = {}

@@ -233,7 +233,9 @@ def main(cfg: EvalCfg) -> dict[str, Any]:
     if chat and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"chat=on: {cfg.model.path} has no chat template in its tokenizer files")
     gen = H.Generator(model, tokenizer, chat)
-    autocast = make_precision(cfg.dtype, next(model.parameters()).device.type).autocast
+    precision = make_precision(cfg.precision, next(model.parameters()).device.type)
+    print(f"eval: {precision.choice.line()}")  # type: ignore[union-attr]
+    autocast = precision.autocast
     results: dict[str, Any] = {}
     task_items: dict[str, list[Any]] = {}
     isolation: Isolation | None = None
@@ -254,7 +256,8 @@ def main(cfg: EvalCfg) -> dict[str, Any]:
     summary: dict[str, Any] = {"model": str(cfg.model.path), "tasks": results,
                                "settings": {"n": cfg.n, "k": cfg.k, "temperature": cfg.temperature,
                                             "top_p": cfg.top_p, "chat": gen.chat,
-                                            "max_new_tokens": cfg.max_new_tokens}}
+                                            "max_new_tokens": cfg.max_new_tokens},
+                               "precision": precision.choice.as_dict()}  # type: ignore[union-attr]
     if isolation is not None:
         summary["sandbox"] = {"level": isolation.level, "layers": isolation.layers,
                               "notes": list(isolation.notes)}

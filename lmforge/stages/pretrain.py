@@ -73,7 +73,7 @@ def main(cfg: PretrainCfg) -> dict[str, Any]:
     info = config_summary(model)
     flops = flops_per_token(model, d.seq_len)
     print(f"pretrain: {info['model_type']} with {info['params']:,} params, "
-          f"{flops / 1e6:.1f} MFLOP/token, precision {cfg.train.precision}")
+          f"{flops / 1e6:.1f} MFLOP/token")
     task = lm_task(model, train_w, val_w, cfg, device, flops)
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
 
@@ -84,11 +84,7 @@ def main(cfg: PretrainCfg) -> dict[str, Any]:
     nats_per_byte = val * v["tokens"] / v["bytes"] if val is not None and v.get("bytes") else None
     return {
         **info,
-        "steps": res.steps,
-        "stopped": res.stopped,
-        "tokens": res.tokens,
-        "train_time_s": round(res.train_time_s, 2),
-        "tokens_per_s": round(res.tokens / max(res.train_time_s, 1e-9), 1),
+        **res.facts(),
         "flops_per_token": flops,
         "final_train_loss": res.last.get("loss"),
         "final_val_loss": val,

@@ -254,6 +254,7 @@ def main(cfg: SftCfg) -> dict[str, Any]:
 
     general, anchor = forgetting_setup(cfg, model, tokenizer, device)
     precision = make_precision(cfg.train.precision, device.type)
+    print(f"sft: {precision.choice.line()}")  # type: ignore[union-attr]
 
     def general_ppl(m: PreTrainedModel) -> dict[str, float]:
         if general is None:
@@ -264,7 +265,8 @@ def main(cfg: SftCfg) -> dict[str, Any]:
 
     before: dict[str, Any] = general_ppl(model)
     if splits is not None and cfg.eval.task == SYNTHETIC and cfg.eval.before:
-        before["pass_at_1"] = _pass_at_1(model, tokenizer, fmt, splits, cfg, precision, "before")
+        before["pass_at_1"] = _pass_at_1(model, tokenizer, fmt, splits, cfg, precision, "before",
+                                         cfg.eval.before_n)
 
     task = sft_task(model, train_b, val_b, cfg, device, general, tokenizer.pad_token_id, anchor)
     if cfg.lora.method != "full":
@@ -284,11 +286,8 @@ def main(cfg: SftCfg) -> dict[str, Any]:
         "template": fmt.name,
         "added_tokens": added,
         "data": data_stats,
-        "steps": res.steps,
-        "stopped": res.stopped,
+        **res.facts(),
         "epochs": round(train_b.epochs(res.steps, sft_micro, cfg.train.grad_accum), 3),
-        "tokens": res.tokens,
-        "train_time_s": round(res.train_time_s, 2),
         "final_train_loss": res.last.get("lm_loss", res.last.get("loss")),
         "final_val_loss": res.best_val_loss,
         "before": before,
@@ -309,11 +308,12 @@ def _task_splits(cfg: SftCfg) -> Any:
 
 
 def _pass_at_1(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat,
-               splits: Any, cfg: SftCfg, precision: Any, when: str) -> dict[str, Any]:
+               splits: Any, cfg: SftCfg, precision: Any, when: str,
+               limit: int | None = None) -> dict[str, Any]:
     from lmforge.eval.codegen import eval_splits
 
     summary, rows = eval_splits(model, tokenizer, splits, stop_token_ids(tokenizer, fmt),
-                                cfg.eval, precision.autocast())
+                                cfg.eval, precision.autocast(), limit)
     path = cfg.run.dir / f"eval_{when}.jsonl"
     path.unlink(missing_ok=True)
     for r in rows:

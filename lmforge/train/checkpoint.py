@@ -8,6 +8,7 @@ falls back to the previous checkpoint instead of loading half a file.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -16,11 +17,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from lmforge.errors import UserError
 from lmforge.io import atomic_dir
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint's files exist but do not read (truncated, damaged): resume=auto falls back
+    to the one before it."""
+
 
 COMPLETE = "COMPLETE"
 STATE = "trainer_state.pt"
@@ -93,6 +100,14 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a damaged file is one line naming it, not a traceback."""
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{f} is truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
+
+
 def load_weights(model: PreTrainedModel, ckpt: Path) -> None:
     """Load safetensors shards into `model` in place (the optimizer keeps its param refs).
     Tied weights are saved once, so only keys of tied parameters may be missing."""
@@ -104,7 +119,7 @@ def load_weights(model: PreTrainedModel, ckpt: Path) -> None:
         raise UserError(f"checkpoint {ckpt} has no .safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(read_safetensors(f))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatch: a checkpoint of another model
@@ -129,7 +144,7 @@ def _load_adapter(model: PreTrainedModel, ckpt: Path) -> None:
         raise UserError(f"checkpoint {ckpt} has no adapter weights; set train.resume=never "
                         "to start over")
     try:
-        res = set_peft_model_state_dict(model, load_file(str(f)))
+        res = set_peft_model_state_dict(model, read_safetensors(f))
     except RuntimeError as e:
         raise UserError(f"checkpoint {ckpt} does not match the adapter ({str(e).splitlines()[0]}); "
                         "set train.resume=never to start over") from None
@@ -145,4 +160,8 @@ def load_checkpoint(ckpt: Path, model: PreTrainedModel) -> dict[str, Any]:
     if not (ckpt / COMPLETE).exists() or not (ckpt / STATE).exists():
         raise UserError(f"not a complete checkpoint: {ckpt} (no {COMPLETE} mark or {STATE})")
     load_weights(model, ckpt)
-    return torch.load(ckpt / STATE, weights_only=True)  # type: ignore[no-any-return]
+    try:
+        return torch.load(ckpt / STATE, weights_only=True)  # type: ignore[no-any-return]
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise CorruptCheckpoint(f"{ckpt / STATE} is truncated or corrupt "
+                                f"({str(e).splitlines()[0][:120]})") from None

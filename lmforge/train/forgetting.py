@@ -70,13 +70,19 @@ def merge_rows(a: Batch, b: Batch, pad_id: int) -> Batch:
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: TokenWindows, n_batches: int, micro: int,
                device: torch.device) -> float:
-    """Token-weighted perplexity over fixed windows of `windows` (the same ones every call)."""
+    """Token-weighted perplexity over fixed windows of `windows` (the same ones every call),
+    with dropout off; the model's mode is restored after."""
 
     def loss_of(b: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         b = b.to(device)
         return causal_lm_loss(model(input_ids=b[:, :-1], use_cache=False).logits, b[:, 1:])
 
-    return math.exp(token_mean(windows.eval_batches(n_batches, micro), loss_of))
+    was_training = model.training
+    model.eval()
+    try:
+        return math.exp(token_mean(windows.eval_batches(n_batches, micro), loss_of))
+    finally:
+        model.train(was_training)
 
 
 def fisher_diagonal(model: torch.nn.Module, params: list[torch.Tensor], windows: TokenWindows,

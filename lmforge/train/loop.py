@@ -28,7 +28,7 @@ from lmforge.errors import Interrupted, TrainingError, UserError
 from lmforge.io import append_jsonl, atomic_dir, read_jsonl
 from lmforge.models import save_hf
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.precision import DTYPES, Precision, make_precision, matmul_flops
+from lmforge.train.precision import DTYPES, Precision, make_precision, peak_flops
 from lmforge.train.progress import ProgressLog
 from lmforge.train.schedules import lr_at
 
@@ -56,12 +56,22 @@ class Task:
 class Result:
     steps: int
     tokens: int
-    stopped: str  # max_steps | early_stop | time_limit
+    stopped: str  # max_steps | time_budget | early_stop | time_limit
     final_dir: Path
     last: dict[str, float] = field(default_factory=dict)
     best_val_loss: float | None = None
     nonfinite_skipped: int = 0
-    train_time_s: float = 0.0
+    train_time_s: float = 0.0  # all sessions of the run, resumed ones included
+    precision: dict[str, str] = field(default_factory=dict)  # what ran, what was asked, why
+    planned_steps: int = 0  # the schedule's length (< max_steps when the time budget cut it)
+    budget: dict[str, float] = field(default_factory=dict)  # how the plan was made
+
+    def facts(self) -> dict[str, Any]:
+        """What every training stage's summary.json says about its run."""
+        return {"steps": self.steps, "planned_steps": self.planned_steps, "stopped": self.stopped,
+                "tokens": self.tokens, "train_time_s": round(self.train_time_s, 2),
+                "tokens_per_s": round(self.tokens / max(self.train_time_s, 1e-9), 1),
+                "precision": self.precision, "time_budget": self.budget or None}
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -127,6 +137,44 @@ class _State:
     evals_since_best: int = 0
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
+    train_time_s: float = 0.0  # summed over sessions, so tokens/s survives a resume
+    planned_steps: int | None = None  # fixed once by the time budget; None: max_steps
+    budget: dict[str, float] | None = None  # the measurements the plan came from
+
+
+@dataclass
+class _Interval:
+    """What happened since the last log row. A logged row reports the interval's mean loss
+    and its tokens/s, so a curve drawn from every `log.every`-th row is not a curve of single
+    noisy steps; the step's own loss stays in the row as `loss_step`."""
+
+    steps: int = 0
+    loss: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    tokens: int = 0
+    seconds: float = 0.0
+    skipped: int = 0
+
+    def add(self, row: dict[str, Any], keys: list[str]) -> None:
+        self.tokens += row["step_tokens"]
+        self.seconds += row["step_s"]
+        self.skipped += row.get("skipped", 0)
+        if not math.isfinite(row["loss"]):  # a skipped step must not turn the mean into nan
+            return
+        self.steps += 1
+        self.loss += row["loss"]
+        for k in keys:
+            self.metrics[k] = self.metrics.get(k, 0.0) + float(row[k])
+
+    def row(self, last: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+        n = max(self.steps, 1)
+        out = {k: v for k, v in last.items() if k not in ("step_s", "step_tokens", "skipped")}
+        out.update({"loss": self.loss / n if self.steps else last["loss"],
+                    "loss_step": last["loss"], **{k: self.metrics.get(k, 0.0) / n for k in keys},
+                    "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else 0.0})
+        if self.skipped:
+            out["skipped"] = self.skipped
+        return out
 
 
 class Trainer:
@@ -142,10 +190,17 @@ class Trainer:
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
             fused=self.device.type in ("cpu", "cuda"),
         )
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.state = _State()
         self.ckpt_root = run_dir / "checkpoints"
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.peak_flops = matmul_flops(DTYPES[cfg.precision], str(self.device)) if task.flops_per_token else 0.0
+        self._peak: float | None = None  # the MFU roofline, measured on first use
+
+    @property
+    def max_steps(self) -> int:
+        """The schedule's length: max_steps, or fewer when the time budget fixed a plan."""
+        planned = self.state.planned_steps
+        return min(planned, self.cfg.max_steps) if planned else self.cfg.max_steps
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -154,7 +209,9 @@ class Trainer:
         return {
             "step": s.step, "tokens": s.tokens, "best_val": s.best_val,
             "evals_since_best": s.evals_since_best, "nonfinite_in_row": s.nonfinite_in_row,
-            "nonfinite_total": s.nonfinite_total, "optimizer": self.optimizer.state_dict(),
+            "nonfinite_total": s.nonfinite_total, "train_time_s": s.train_time_s,
+            "planned_steps": s.planned_steps, "budget": s.budget,
+            "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "rng": ckpt.rng_state(),
         }
@@ -163,25 +220,56 @@ class Trainer:
         return ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model,
                                     self._trainer_state(), self.cfg.keep_last)
 
-    def resume(self) -> Path | None:
-        r = self.cfg.resume
-        if r == "never":
-            shutil.rmtree(self.ckpt_root, ignore_errors=True)
-        path = ckpt.latest_checkpoint(self.ckpt_root) if r != "never" else None
-        path = Path(r) if r not in ("auto", "never") else path
-        if path is None:  # a fresh start: nothing of an earlier run may leak into this one
-            self.metrics_path.unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / "best", ignore_errors=True)
-            return None
-        if not path.exists():
-            raise UserError(f"train.resume: checkpoint {path} does not exist")
+    def _load(self, path: Path) -> None:
         st = ckpt.load_checkpoint(path, self.model)
         self.optimizer.load_state_dict(st["optimizer"])
         if self.precision.scaler is not None and st["scaler"] is not None:
             self.precision.scaler.load_state_dict(st["scaler"])
         ckpt.set_rng_state(st["rng"])
         self.state = _State(st["step"], st["tokens"], st["best_val"], st["evals_since_best"],
-                            st["nonfinite_in_row"], st["nonfinite_total"])
+                            st["nonfinite_in_row"], st["nonfinite_total"],
+                            st.get("train_time_s", 0.0), st.get("planned_steps"), st.get("budget"))
+
+    def _load_latest(self, progress: ProgressLog) -> Path | None:
+        """The newest checkpoint that loads; a damaged one (a disk that failed mid-write, a
+        file truncated by hand) falls back to the one before it, said out loud."""
+        found = ckpt.complete_checkpoints(self.ckpt_root)
+        damaged: list[str] = []
+        for _, path in reversed(found):
+            try:
+                self._load(path)
+            except ckpt.CorruptCheckpoint as e:
+                damaged.append(str(e))
+                progress.message(f"{e}; trying the checkpoint before it")
+                continue
+            return path
+        if damaged:
+            raise UserError(f"no checkpoint in {self.ckpt_root} loads ({damaged[-1]}); set "
+                            "train.resume=never to start over")
+        return None
+
+    def resume(self, progress: ProgressLog | None = None) -> Path | None:
+        progress = progress or ProgressLog("off" if self.log_cfg.progress == "off" else "plain",
+                                           0, 0, "")
+        r = self.cfg.resume
+        if r == "never":
+            shutil.rmtree(self.ckpt_root, ignore_errors=True)
+            path = None
+        elif r == "auto":
+            path = self._load_latest(progress)
+        else:
+            path = Path(r)
+            if not path.exists():
+                raise UserError(f"train.resume: checkpoint {path} does not exist")
+            self._load(path)
+        if path is None:  # a fresh start: nothing of an earlier run may leak into this one
+            self.metrics_path.unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "best", ignore_errors=True)
+            return None
+        if self.state.step > self.cfg.max_steps:
+            raise UserError(f"train.resume: checkpoint {path} is at step {self.state.step}, past "
+                            f"train.max_steps={self.cfg.max_steps}; raise train.max_steps to "
+                            "continue it, or set train.resume=never to start over")
         # rows logged after the checkpoint belong to a future this run will redo
         rows = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= self.state.step]
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -192,28 +280,28 @@ class Trainer:
     def _micro_steps(self, micro: list[Batch]) -> tuple[float, dict[str, float], int]:
         weights = [float(self.task.weight(b)) for b in micro]
         total = sum(weights) or 1.0
-        loss_sum, metrics, tokens = 0.0, {}, 0
+        scaler = self.precision.scaler
+        loss_sum: torch.Tensor | None = None  # summed on the device: one read per step
+        metrics: dict[str, float] = {}
+        tokens = 0
         for b, w in zip(micro, weights):
             with self.precision.autocast():
                 loss, m = self.task.step(b)
             scaled = loss * (w / total)
-            if self.precision.scaler is not None:
-                self.precision.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-            loss_sum += float(loss.detach()) * w / total
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_sum = scaled.detach() if loss_sum is None else loss_sum + scaled.detach()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) * w / total
             tokens += self.task.tokens(b)
-        return loss_sum, metrics, tokens
+        return float(loss_sum) if loss_sum is not None else 0.0, metrics, tokens
 
     def _optimizer_step(self) -> tuple[float, bool]:
         """Unscale, clip, step. Returns (grad norm, whether the update was applied)."""
         scaler = self.precision.scaler
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad or math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad or math.inf,
+                                              foreach=True)
         norm_f = float(norm)
         if scaler is not None:
             before = scaler.get_scale()
@@ -226,8 +314,10 @@ class Trainer:
         return norm_f, True
 
     def train_step(self) -> dict[str, Any]:
+        """One optimizer step; the row holds this step's own values (`step_s`, `step_tokens`
+        are turned into interval rates when a row is logged)."""
         s = self.state
-        lr = lr_at(s.step, self.optim_cfg, self.cfg.max_steps)
+        lr = lr_at(s.step, self.optim_cfg, self.max_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -250,16 +340,30 @@ class Trainer:
         dt = time.perf_counter() - t0
         s.step += 1
         s.tokens += tokens
-        tps = tokens / dt if dt > 0 else 0.0
+        s.train_time_s += dt
         row: dict[str, Any] = {"step": s.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                               "tokens": s.tokens, "tokens_per_s": tps, **metrics}
-        if self.peak_flops:
-            row["mfu"] = tps * self.task.flops_per_token / self.peak_flops
-        row["peak_mem_mb"] = peak_memory_mb(self.device)
+                               "tokens": s.tokens, "step_s": dt, "step_tokens": tokens, **metrics}
         if not applied:
             row["skipped"] = 1
         if self.precision.scaler is not None:
             row["loss_scale"] = self.precision.scaler.get_scale()
+        return row
+
+    def _log_row(self, interval: _Interval, last: dict[str, Any], keys: list[str],
+                 progress: ProgressLog) -> dict[str, Any]:
+        row = interval.row(last, keys)
+        if self.task.flops_per_token:
+            if self._peak is None:
+                self._peak = peak_flops(DTYPES[self.precision.name], str(self.device))
+            achieved = row["tokens_per_s"] * self.task.flops_per_token
+            if achieved > self._peak:  # the roofline sample met a busy moment: say so, raise it
+                progress.message(f"MFU: achieved {achieved / 1e9:.1f} GFLOP/s is above the measured "
+                                 f"peak {self._peak / 1e9:.1f}; the peak estimate was low, "
+                                 "raised to the achieved rate")
+                self._peak = achieved
+            row["flops_per_s"] = achieved
+            row["mfu"] = achieved / self._peak
+        row["peak_mem_mb"] = peak_memory_mb(self.device)
         return row
 
     def export(self, out: Path) -> None:
@@ -274,10 +378,13 @@ class Trainer:
         """Run the task's evaluation, log it, keep the best. Returns True to stop early."""
         if self.task.evaluate is None:
             return False
+        was_training = self.model.training
         self.model.eval()
-        with torch.no_grad(), self.precision.autocast():
-            m = self.task.evaluate()
-        self.model.train()
+        try:
+            with torch.no_grad(), self.precision.autocast():
+                m = self.task.evaluate()
+        finally:
+            self.model.train(was_training)
         val = float(m["val_loss"])
         row = {"step": self.state.step, **m, "val_ppl": math.exp(min(val, 50.0))}
         append_jsonl(self.metrics_path, row)
@@ -291,6 +398,38 @@ class Trainer:
             s.evals_since_best += 1
         return bool(self.cfg.patience) and s.evals_since_best >= self.cfg.patience
 
+    # ------------------------------------------------------------------ the time budget
+
+    def _plan(self, step_times: list[float], elapsed: float, progress: ProgressLog) -> bool:
+        """Fix the schedule's length so that the rest of training, evaluations included, fits
+        the budget and the learning rate still anneals to its end. One evaluation is run (and
+        logged) now to time it. Returns True when that evaluation asks to stop early."""
+        cfg, s = self.cfg, self.state
+        step_s = sorted(step_times)[len(step_times) // 2]  # median: robust to one slow step
+        eval_s, stop = 0.0, False
+        if self.task.evaluate is not None:
+            t0 = time.perf_counter()
+            stop = self.evaluate(progress)
+            eval_s = time.perf_counter() - t0
+            elapsed += eval_s
+        per_step = step_s + (eval_s / cfg.eval_every if cfg.eval_every else 0.0)
+        left = cfg.time_budget_s - elapsed - eval_s  # type: ignore[operator]  # the final eval
+        fit = s.step + max(0, int(left / per_step))
+        s.planned_steps = max(s.step + 1, min(cfg.max_steps, fit))
+        s.budget = {"budget_s": cfg.time_budget_s, "step_s": round(step_s, 4),
+                    "eval_s": round(eval_s, 3), "calibration_steps": len(step_times) + 1}
+        if s.planned_steps < cfg.max_steps:
+            progress.message(
+                f"time budget {cfg.time_budget_s:.0f}s: {s.planned_steps} of {cfg.max_steps} steps "
+                f"fit ({step_s:.3f} s/step, evaluations {eval_s:.1f}s each); the schedule "
+                f"anneals over {s.planned_steps} steps")
+        else:
+            est = elapsed + (cfg.max_steps - s.step) * per_step + eval_s
+            progress.message(f"time budget {cfg.time_budget_s:.0f}s: all {cfg.max_steps} steps "
+                             f"fit (~{est:.0f}s at {step_s:.3f} s/step)")
+        progress.set_total(self.max_steps)
+        return stop
+
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> Result:
@@ -299,31 +438,46 @@ class Trainer:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         torch.manual_seed(self.cfg.seed)
-        resumed = self.resume()
-        progress = ProgressLog(self.log_cfg.progress, self.cfg.max_steps, self.state.step,
-                               self.run_dir.name)
-        if resumed is not None:
-            progress.message(f"resumed from {resumed} at step {self.state.step}")
-        self.model.train()
-        stopped, last, t_start = "max_steps", {}, time.perf_counter()
+        progress = ProgressLog(self.log_cfg.progress, self.max_steps, 0, self.run_dir.name)
+        progress.message(self.precision.choice.line())  # type: ignore[union-attr]
         try:
+            resumed = self.resume(progress)
+            progress.restart(self.max_steps, self.state.step)
+            if resumed is not None:
+                progress.message(f"resumed from {resumed} at step {self.state.step}")
+            self.model.train()
+            stopped, last = "max_steps", {}
             with _Signals().installed() as sig:
-                stopped, last = self._loop(progress, sig, t_start)
+                stopped, last = self._loop(progress, sig, time.perf_counter())
         finally:
             progress.close()
-        return self._finish(stopped, last, time.perf_counter() - t_start)
+        return self._finish(stopped, last)
 
     def _loop(self, progress: ProgressLog, sig: _Signals, t_start: float) -> tuple[str, dict[str, Any]]:
-        cfg, last = self.cfg, {}
-        while self.state.step < cfg.max_steps:
+        cfg, last, interval = self.cfg, {}, _Interval()
+        keys: list[str] = []
+        # the budget is planned after CALIBRATION steps, the first one (warm-up) untimed
+        plan_at = self.state.step + CALIBRATION + 1 if self._must_plan() else -1
+        step_times: list[float] = []
+        while self.state.step < self.max_steps:
             row = self.train_step()
+            keys = keys or [k for k in row if k not in _OWN_KEYS]
             last = row
+            interval.add(row, keys)
             n = self.state.step
-            log_now = n % self.log_cfg.every == 0 or n == cfg.max_steps or n == 1
+            if plan_at > 0 and n > plan_at - CALIBRATION:
+                step_times.append(row["step_s"])
+            log_now = n % self.log_cfg.every == 0 or n == self.max_steps or n == 1
             if log_now:
-                append_jsonl(self.metrics_path, row)
-            progress.update(n, row, log_now)
-            if cfg.eval_every and n % cfg.eval_every == 0 and n < cfg.max_steps:
+                logged = self._log_row(interval, row, keys, progress)
+                append_jsonl(self.metrics_path, logged)
+                interval = _Interval()
+                progress.update(n, logged, True)
+            else:
+                progress.update(n, row, False)
+            if n == plan_at and self._plan(step_times, time.perf_counter() - t_start, progress):
+                return "early_stop", last
+            if cfg.eval_every and n % cfg.eval_every == 0 and n < self.max_steps:
                 if self.evaluate(progress):
                     return "early_stop", last
             if sig.signum is not None:
@@ -334,9 +488,21 @@ class Trainer:
             if cfg.time_limit_s and time.perf_counter() - t_start >= cfg.time_limit_s:
                 progress.message(f"time limit {cfg.time_limit_s:.0f}s reached at step {n}")
                 return "time_limit", last
-        return "max_steps", last
+        return ("time_budget" if self.max_steps < cfg.max_steps else "max_steps"), last
 
-    def _finish(self, stopped: str, last: dict[str, Any], train_time: float) -> Result:
+    def _must_plan(self) -> bool:
+        """A budget is planned once per run (resume keeps the plan), and only when the run
+        is long enough for the calibration steps to leave something to plan."""
+        c = self.cfg
+        return (c.time_budget_s is not None and self.state.planned_steps is None
+                and c.max_steps > self.state.step + CALIBRATION + 1)
+
+    def _finish(self, stopped: str, last: dict[str, Any]) -> Result:
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # e.g. an lr so large the weights overflowed while the loss still read finite
+            raise TrainingError(f"the trained weights hold non-finite values ({bad[0]} and "
+                                f"{len(bad) - 1} more); nothing was saved as final. Lower optim.lr "
+                                "or set train.precision=fp32")
         if self.task.evaluate is not None and stopped != "early_stop":
             self.evaluate(ProgressLog("off", 0, 0, ""))
         self.save()
@@ -349,7 +515,14 @@ class Trainer:
             self.export(final)
         s = self.state
         return Result(s.step, s.tokens, stopped, final, last, s.best_val, s.nonfinite_total,
-                      train_time)
+                      s.train_time_s, self.precision.choice.as_dict(),  # type: ignore[union-attr]
+                      self.max_steps, dict(s.budget or {}))
+
+
+CALIBRATION = 10  # timed steps before a time budget fixes the plan
+# row keys the loop itself writes; the rest are the task's metrics, averaged per interval
+_OWN_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "step_s", "step_tokens", "skipped",
+             "loss_scale"}
 
 
 def train(cfg: TrainCfg, optim: OptimCfg, log: LogCfg, run_dir: Path, model: PreTrainedModel,

@@ -35,6 +35,18 @@ class ProgressLog:
             eta = (time.perf_counter() - self._t0) / max(done, 1) * (self.total - step)
             print(f"{self.label} step {step}/{self.total} {info} eta {eta:.0f}s", flush=True)
 
+    def restart(self, total: int, start: int) -> None:
+        """After a resume: the bar starts at `start`, and the eta counts from now."""
+        self.total, self._start, self._t0 = total, start, time.perf_counter()
+        if self._bar is not None:
+            self._bar.update(self._task, total=total, completed=start)
+
+    def set_total(self, total: int) -> None:
+        """The time budget fixed the schedule's length."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.update(self._task, total=total)
+
     def message(self, text: str) -> None:
         if self._bar is not None:
             self._bar.console.print(text)
@@ -46,10 +58,30 @@ class ProgressLog:
             self._bar.stop()
 
 
+class Ticker:
+    """Progress of a phase that can run long (generation, sandboxed checks, evaluations): one
+    plain line at most every `every` seconds, so a phase past ~10 s never looks hung and a
+    short one prints nothing."""
+
+    def __init__(self, label: str, total: int, every: float = 10.0) -> None:
+        self.label, self.total, self.every = label, total, every
+        self._t0 = self._last = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self._last < self.every or done >= self.total:
+            return
+        self._last = now
+        eta = (now - self._t0) / max(done, 1) * (self.total - done)
+        print(f"{self.label}: {done}/{self.total} ({now - self._t0:.0f}s, eta {eta:.0f}s)",
+              flush=True)
+
+
 def _fmt(row: dict[str, Any]) -> str:
     parts = []
     for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
-                     ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.0%}")):
+                     ("tokens_per_s", "{:,.0f} tok/s"), ("flops_per_s", "{:.3g} FLOP/s"),
+                     ("mfu", "mfu {:.0%}")):
         if row.get(key) is not None:
             parts.append(fmt.format(row[key]))
     return " | ".join(parts)

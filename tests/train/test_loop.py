@@ -30,11 +30,17 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path: Path, windows) -> None:
     """Micro-batch 1 x 8 accumulation steps == micro-batch 8 x 1: gradients, losses and the
-    updated weights. (Adam divides by sqrt(v): at a large lr a 1e-9 rounding difference on a
-    near-zero gradient coordinate becomes an lr-sized step, so weights are compared at 1e-3.)"""
+    updated weights, in float64 so the bounds measure the loop, not one CPU's fp32 rounding.
+
+    Why the bounds: the two ways sum the same 8 per-sequence gradients in a different order, so
+    they differ by summation rounding, ~8 * 2^-53 * |g| < 1e-14 for |g| <= 1: grads and losses
+    are held to 1e-12. Adam divides by sqrt(v) + eps, so a gradient difference d moves a weight
+    by at most lr * d / eps = 1e-3 * 1e-14 / 1e-8 = 1e-9 per step; 3 steps: < 1e-8. (In fp32
+    the same arithmetic gives 1e-3 * 1e-7 / 1e-8 = 1e-5 per step: an fp32 bound would have to
+    be that loose, and weights were seen 2e-5 apart on one CPU.)"""
     grads, results = [], []
     for micro, accum in ((8, 1), (1, 8)):
-        model = micro_llama()
+        model = micro_llama().double()
         cfg = train_cfg(max_steps=3, micro_batch_size=micro, grad_accum=accum)
         tr = Trainer(cfg, OptimCfg(lr=1e-3), QUIET, tmp_path / f"m{micro}", model,
                      lm_task(model, windows, micro, accum))
@@ -44,18 +50,20 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path: Path, windows) -> Non
         tr.run()
         rows = [r for r in read_jsonl(tmp_path / f"m{micro}" / "metrics.jsonl") if "loss" in r]
         results.append(([r["loss"] for r in rows], _weights(model)))
-    assert _max_diff(*grads) < 1e-6
+    assert _max_diff(*grads) < 1e-12
     (loss_a, w_a), (loss_b, w_b) = results
     assert len(loss_a) == 3
-    assert loss_a == pytest.approx(loss_b, abs=1e-5)
-    assert _max_diff(w_a, w_b) < 1e-5
+    assert loss_a == pytest.approx(loss_b, abs=1e-12)
+    assert _max_diff(w_a, w_b) < 1e-8
 
 
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path: Path, windows) -> None:
     """SIGTERM at step k -> checkpoint + exit 143; resuming gives the same metrics after k and
-    the same final weights as a run that was never interrupted (fp32 CPU, 1e-6)."""
+    the same final weights as a run that was never interrupted. Both runs do the same float64
+    operations in the same order on restored state, so they agree to the last bit; 1e-12
+    leaves room only for a kernel that reduces in a thread-dependent order."""
     cfg = train_cfg(max_steps=8, micro_batch_size=4, grad_accum=2)
-    ref_model = micro_llama()
+    ref_model = micro_llama().double()
     Trainer(cfg, OPTIM, QUIET, tmp_path / "ref", ref_model, lm_task(ref_model, windows, 4, 2)).run()
 
     k = 3
@@ -64,22 +72,22 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path: Path, windows) -> No
         if n == k - 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    model = micro_llama()
+    model = micro_llama().double()
     run = tmp_path / "cut"
     with pytest.raises(Interrupted) as exc:
         Trainer(cfg, OPTIM, QUIET, run, model, lm_task(model, windows, 4, 2, on_step=kill_at)).run()
     assert exc.value.exit_code == 143
     assert ckpt.latest_checkpoint(run / "checkpoints").name == f"step-{k}"
 
-    fresh = micro_llama(seed=123)  # different init: everything must come from the checkpoint
+    fresh = micro_llama(seed=123).double()  # different init: all must come from the checkpoint
     Trainer(cfg, OPTIM, QUIET, run, fresh, lm_task(fresh, windows, 4, 2)).run()
     keys = ("step", "loss", "lr", "grad_norm")
     ref_rows = [[r[x] for x in keys] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl") if "loss" in r]
     got_rows = [[r[x] for x in keys] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert [r[0] for r in got_rows] == list(range(1, 9))
     for a, b in zip(ref_rows[k:], got_rows[k:], strict=True):
-        assert a == pytest.approx(b, abs=1e-6)
-    assert _max_diff(_weights(ref_model), _weights(fresh)) < 1e-6
+        assert a == pytest.approx(b, abs=1e-12)
+    assert _max_diff(_weights(ref_model), _weights(fresh)) < 1e-12
 
 
 def test_checkpoint_interrupted_mid_write_is_never_picked(tmp_path: Path, windows, monkeypatch) -> None:
