@@ -22,10 +22,19 @@ VOCAB = 64
 SEQ = 16
 
 
+CHAT_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
+                 "<|end|>"]
+# the ids the test tokenizers give their specials (trained with CHAT_SPECIALS first)
+EOS_ID, BOS_ID, PAD_ID = 0, 1, 2
+
+
 def micro_llama(seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
+    """A 2-layer llama whose bos/eos/pad ids are the test tokenizers' (not LlamaConfig's
+    defaults, 1 and 2, which name other tokens there)."""
     conf = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                       tie_word_embeddings=True)
+                       tie_word_embeddings=True, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                       pad_token_id=PAD_ID)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(conf)
 
@@ -81,10 +90,6 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     r = run_cli("run", "configs/tiny.yaml", cwd=work)
     assert r.returncode == 0, r.stderr[-2000:]
     return work / "runs" / "tiny"
-
-
-CHAT_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
-                 "<|end|>"]
 
 
 def make_chat_tokenizer(out: Path):

@@ -103,3 +103,11 @@ def test_a_signal_stops_bpe_training_at_once(tmp_path: Path, sig: int, code: int
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert not (out / "summary.json").exists() and not (out / "final").exists()
     assert not list(out.glob(".final*"))  # no half-written tokenizer either
+
+
+def test_micro_llama_ids_match_the_test_tokenizers(chat_tok) -> None:
+    from tests.conftest import micro_llama
+
+    conf = micro_llama().config
+    assert (conf.bos_token_id, conf.eos_token_id, conf.pad_token_id) == (
+        chat_tok.bos_token_id, chat_tok.eos_token_id, chat_tok.pad_token_id)

@@ -22,6 +22,7 @@ from lmforge.eval.passk import mean_pass_at_k, pass_at_k
 from lmforge.generate import cut_at_stop, generate_batch
 from lmforge.tasks.base import AnswerItem, CodeItem
 from lmforge.tasks.synthetic_code import extract_code
+from lmforge.train.progress import Ticker
 
 Item = CodeItem | AnswerItem
 
@@ -113,7 +114,8 @@ def score_code(items: Sequence[CodeItem], completions: Sequence[Sequence[str]],
                ) -> tuple[list[dict[str, Any]], sandbox.Isolation | None]:
     """Run every completion's program in the sandbox: one row per item with its statuses."""
     programs = [it.program(code_of(it, c)) for it, cs in zip(items, completions) for c in cs]
-    results = sandbox.run_many(programs, limits, workers=workers)
+    results = sandbox.run_many(programs, limits, workers=workers,
+                               progress=Ticker("sandbox", len(programs)).advance)
     rows, k = [], 0
     for it, cs in zip(items, completions):
         rs = results[k:k + len(cs)]

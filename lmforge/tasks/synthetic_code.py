@@ -25,6 +25,7 @@ from lmforge import sandbox
 from lmforge.errors import UserError
 from lmforge.sandbox import Limits
 from lmforge.tasks.base import CodeItem
+from lmforge.train.progress import Ticker
 
 TYPES = ("ints", "int", "str", "words", "bool", "counts")
 START_TYPES = ("ints", "int", "str", "words", "counts")
@@ -530,7 +531,9 @@ def run_checks(items: Sequence[tuple[str, Sequence[str]]], timeout: float = 5.0,
                workers: int = 2) -> list[str]:
     """Statuses of `check_program` for (solution, tests) pairs, in order, `workers` at a time."""
     programs = [_program(code, tests) for code, tests in items]
-    return [r.status for r in sandbox.run_many(programs, _limits(timeout), workers=workers)]
+    tick = Ticker("sandbox checks", len(programs))
+    return [r.status for r in sandbox.run_many(programs, _limits(timeout), workers=workers,
+                                               progress=tick.advance)]
 
 
 def to_code_items(problems: Sequence[Problem], signature_prefill: bool = True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Any
 
@@ -66,6 +67,14 @@ class Ticker:
     def __init__(self, label: str, total: int, every: float = 10.0) -> None:
         self.label, self.total, self.every = label, total, every
         self._t0 = self._last = time.perf_counter()
+        self._done = 0
+        self._lock = threading.Lock()  # advance() is called from worker threads
+
+    def advance(self, n: int = 1) -> None:
+        """Count `n` more done (for callbacks that report increments, e.g. the sandbox pool)."""
+        with self._lock:
+            self._done += n
+            self(self._done)
 
     def __call__(self, done: int) -> None:
         now = time.perf_counter()
