@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from lmforge.errors import UserError
 from lmforge.io import atomic_dir
 
+
 class CorruptCheckpoint(UserError):
     """A checkpoint's files exist but do not read (truncated, damaged): resume=auto falls back
     to the one before it."""
