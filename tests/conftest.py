@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,18 @@ QUIET = LogCfg(every=1, progress="off")
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True,
                           text=True, cwd=cwd or ROOT, timeout=timeout)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def spawn(args: list[str], **kw) -> subprocess.Popen:
+    """A child that a test will signal. SIGINT is reset to its default first: a shell starts
+    background jobs (`make test &`, some CI runners) with SIGINT ignored, children inherit
+    that, and Python then installs no KeyboardInterrupt handler, so Ctrl-C tests would hang."""
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint, **kw)
 
 
 @pytest.fixture(scope="session")

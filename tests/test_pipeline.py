@@ -18,7 +18,7 @@ from lmforge import pipeline
 from lmforge.data.pack import TokenWindows
 from lmforge.errors import UserError
 from lmforge.losses.lm import causal_lm_loss
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, spawn
 
 
 def test_stage_outputs_and_report(tiny_run: Path) -> None:
@@ -73,7 +73,7 @@ def test_sigterm_exits_143_with_checkpoint_then_resumes(tiny_run: Path, tmp_path
     args = [sys.executable, "-m", "lmforge.cli", "pretrain", str(ROOT / "configs/pretrain/tiny.yaml"),
             f"data.corpus={tiny_run / 'corpus'}", f"data.tokenizer={tiny_run / 'tokenizer'}",
             f"run.dir={tmp_path}", "train.max_steps=400", "log.every=1", "train.eval_every=0"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn(args)
     deadline = time.time() + 120
     while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)

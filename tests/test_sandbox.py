@@ -18,6 +18,7 @@ import pytest
 
 from lmforge import sandbox as S
 from lmforge.errors import UserError
+from tests.conftest import spawn
 
 STRONG = S.probe().level == "strong"
 MODES = [pytest.param(True, id="namespaces"), pytest.param(False, id="fallback")]
@@ -232,8 +233,7 @@ def _children(ppids: set[int]) -> set[int]:
 def test_an_interrupt_ends_the_programs_and_removes_their_work_dirs(
         mode: str, sig: int, code: int) -> None:
     before = _workdirs()
-    proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_SCRIPT, mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn([sys.executable, "-c", INTERRUPT_SCRIPT, mode])
     try:
         _interrupt_and_check(proc, before, mode, sig, code)
     finally:

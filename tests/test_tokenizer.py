@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from transformers import AutoTokenizer
 
 from lmforge.errors import UserError
 from lmforge.tokenizer import RunGuard, bytes_per_token, save_tokenizer, train_bpe
-from tests.conftest import ROOT
+from tests.conftest import ROOT, spawn
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "print('héllo wörld')  # ünïcode\n"] * 30
 
@@ -85,9 +84,8 @@ def test_a_signal_stops_bpe_training_at_once(tmp_path: Path, sig: int, code: int
     for split in ("train", "val"):
         rows = [{"text": t} for t in TEXTS] + [{"text": "a" * 400_000}]
         (corpus / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT, "tokenizer",
-                             f"corpus={corpus}", f"run.dir={out}", "vocab_size=300"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = spawn([sys.executable, "-c", SIGNAL_SCRIPT, "tokenizer", f"corpus={corpus}",
+                  f"run.dir={out}", "vocab_size=300"], cwd=ROOT)
     try:
         assert proc.stdout is not None
         assert "training byte-level BPE" in proc.stdout.readline()
