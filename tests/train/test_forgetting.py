@@ -189,3 +189,18 @@ def test_perplexity_is_exp_token_weighted_mean(tmp_path: Path) -> None:
     assert ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
     # the windows are fixed: the same number every call
     assert perplexity(model, w, n_batches=2, micro=3, device=CPU) == ppl
+
+
+def test_perplexity_runs_without_dropout_and_restores_the_mode(windows: TokenWindows) -> None:
+    """With attention dropout at 0.5, a forward in train mode is random; the monitor's
+    perplexity must equal the eval-mode value exactly, and leave the model training."""
+    model = micro_llama()
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model.eval()
+    want = perplexity(model, windows, 2, 4, CPU)
+    model.train()
+    torch.manual_seed(1)
+    assert perplexity(model, windows, 2, 4, CPU) == want
+    assert model.training
