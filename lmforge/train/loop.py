@@ -475,9 +475,10 @@ class Trainer:
                 progress.update(n, logged, True)
             else:
                 progress.update(n, row, False)
-            if n == plan_at and self._plan(step_times, time.perf_counter() - t_start, progress):
+            planned_now = n == plan_at  # the plan evaluates once itself: not twice a step
+            if planned_now and self._plan(step_times, time.perf_counter() - t_start, progress):
                 return "early_stop", last
-            if cfg.eval_every and n % cfg.eval_every == 0 and n < self.max_steps:
+            if cfg.eval_every and n % cfg.eval_every == 0 and n < self.max_steps and not planned_now:
                 if self.evaluate(progress):
                     return "early_stop", last
             if sig.signum is not None:
