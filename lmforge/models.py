@@ -148,11 +148,11 @@ def _damaged_weights(d: Path, e: Exception) -> str:
 
 
 def save_hf(model: PreTrainedModel, out: Path,
-            tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+            tokenizer: PreTrainedTokenizerBase | None = None, kind: str = "model") -> None:
     """Write an HF directory atomically (temp dir, then rename): safetensors + portable config."""
     with atomic_dir(out) as tmp:
         _write_hf(model, tmp, tokenizer)
-        _record_written(tmp)
+        _record_written(tmp, kind)
 
 
 def _write_hf(model: PreTrainedModel, d: Path, tokenizer: PreTrainedTokenizerBase | None) -> None:
@@ -168,14 +168,25 @@ def _write_hf(model: PreTrainedModel, d: Path, tokenizer: PreTrainedTokenizerBas
 WRITTEN = ".lmforge-files.json"
 
 
-def _record_written(d: Path) -> None:
+def _record_written(d: Path, kind: str = "model") -> None:
+    """`kind` says what wrote it: "merge" outputs are the only ones `lmforge merge` replaces
+    without --force (a stage's final/ or best/ is a trained model, never scratch space)."""
     files = {}
     for root, _, names in os.walk(d):
         for name in names:
             f = Path(root) / name
             st = f.lstat()
             files[f.relative_to(d).as_posix()] = [st.st_size, st.st_mtime_ns]
-    (d / WRITTEN).write_text(json.dumps({"written_by": "lmforge", "files": files}, indent=1) + "\n")
+    (d / WRITTEN).write_text(json.dumps({"written_by": "lmforge", "kind": kind, "files": files},
+                                        indent=1) + "\n")
+
+
+def written_kind(d: Path) -> str | None:
+    """The kind recorded in `d`'s file list, or None when there is no readable list."""
+    try:
+        return str(json.loads((d / WRITTEN).read_text(encoding="utf-8")).get("kind", "model"))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def foreign_entries(d: Path) -> list[str]:
@@ -454,8 +465,8 @@ def _recorded_base(adapter: Path, conf: dict[str, Any]) -> str:
 
 
 def merge_target(out: Path, inputs: list[str | Path], force: bool) -> Path:
-    """Where `lmforge merge` may write: a new path, an empty directory, or one lmforge wrote
-    and nobody changed since; anything else only with `force`. Never the current directory or
+    """Where `lmforge merge` may write: a new path, an empty directory, or an earlier merge's
+    output that nobody changed since; anything else only with `force`. Never the current directory or
     one above it, nor one holding an input: replacing it would delete what is being read."""
     target = Path(os.path.abspath(out))  # `.` and `..` resolved; a symlink itself stays
     real, cwd = target.resolve(), Path.cwd().resolve()
@@ -479,6 +490,10 @@ def merge_target(out: Path, inputs: list[str | Path], force: bool) -> Path:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise UserError(f"--out {out} is not empty and holds what lmforge did not write ({shown}); "
                         "pass --force to replace it")
+    kind = written_kind(target)
+    if kind not in (None, "merge"):  # None here: an empty directory
+        raise UserError(f"--out {out} holds a trained model lmforge wrote ({kind}), not an "
+                        "earlier merge; pass --force to replace it")
     return target
 
 
@@ -495,7 +510,7 @@ def merge_cli(adapter: Path, base: str | None, out: Path, force: bool = False) -
     try:
         if target.is_symlink() or target.is_file():  # only with force; the link, not its target
             target.unlink()
-        save_hf(merged, target, tokenizer)
+        save_hf(merged, target, tokenizer, kind="merge")
     except OSError as e:  # permissions, a full disk: the atomic write left nothing finished-looking
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"merged {adapter} into {base} -> {out}")

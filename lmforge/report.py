@@ -139,7 +139,7 @@ def sft_lines(name: str, s: dict[str, Any]) -> list[str]:
         if "d1" in pa:
             met = "met" if pa["d1"] >= D1_TARGET else "NOT met"
             lines += ["", f"Held-out pass@1 at difficulty 1: **{pa['d1']:.1%}** "
-                          f"(target >= {D1_TARGET:.0%}: {met})."]
+                          f"(the demo's target >= {D1_TARGET:.0%}: {met})."]
         lines += ["", "d1-d4: new instances (held out by seed) of compositions seen in training "
                   "(none at d4: training stops at d3); unseen: compositions never trained on."]
     return lines

@@ -92,6 +92,19 @@ def test_replaces_only_what_lmforge_wrote_unless_forced(final: Path, tmp_path: P
     assert foreign_entries(out) == [] and not cfg.read_text().endswith(" ")
 
 
+def test_a_trained_model_is_never_scratch_space(final: Path, tmp_path: Path) -> None:
+    """A stage's final/ is lmforge's own and untouched, yet a trained model: merging onto it
+    without --force would silently delete it."""
+    pretrained = tmp_path / "pretrain_final"
+    shutil.copytree(final, pretrained, copy_function=shutil.copy2)  # keeps sizes and mtimes
+    shutil.rmtree(pretrained / "adapter")
+    shutil.rmtree(pretrained / "base", ignore_errors=True)
+    before = _tree(pretrained)
+    with pytest.raises(UserError, match="holds a trained model lmforge wrote"):
+        merge_cli(final / "adapter", None, pretrained)
+    assert _tree(pretrained) == before
+
+
 def test_force_replaces_a_file(final: Path, tmp_path: Path) -> None:
     f = tmp_path / "out"
     f.write_text("x")

@@ -242,6 +242,10 @@ class Trainer:
                 damaged.append(str(e))
                 progress.message(f"{e}; trying the checkpoint before it")
                 continue
+            for _, bad in found[len(found) - len(damaged):]:  # out of keep_last's count, kept
+                aside = bad.with_name(bad.name + ".damaged")
+                shutil.rmtree(aside, ignore_errors=True)
+                bad.rename(aside)
             return path
         if damaged:
             raise UserError(f"no checkpoint in {self.ckpt_root} loads ({damaged[-1]}); set "
@@ -266,6 +270,12 @@ class Trainer:
             self.metrics_path.unlink(missing_ok=True)
             shutil.rmtree(self.run_dir / "best", ignore_errors=True)
             return None
+        b = self.state.budget or {}
+        if self.state.planned_steps is not None and b.get("budget_s") != self.cfg.time_budget_s:
+            progress.message(f"train.time_budget_s changed ({b.get('budget_s')} -> "
+                             f"{self.cfg.time_budget_s}): the stored plan of "
+                             f"{self.state.planned_steps} steps is dropped")
+            self.state.planned_steps, self.state.budget = None, None
         if self.state.step > self.cfg.max_steps:
             raise UserError(f"train.resume: checkpoint {path} is at step {self.state.step}, past "
                             f"train.max_steps={self.cfg.max_steps}; raise train.max_steps to "
@@ -374,17 +384,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval
 
-    def evaluate(self, progress: ProgressLog) -> bool:
-        """Run the task's evaluation, log it, keep the best. Returns True to stop early."""
-        if self.task.evaluate is None:
-            return False
+    def _run_eval(self) -> dict[str, float]:
+        """The task's evaluation with dropout off and no graph; the mode is restored after."""
+        assert self.task.evaluate is not None
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), self.precision.autocast():
-                m = self.task.evaluate()
+                return self.task.evaluate()
         finally:
             self.model.train(was_training)
+
+    def evaluate(self, progress: ProgressLog) -> bool:
+        """Run the task's evaluation, log it, keep the best. Returns True to stop early."""
+        if self.task.evaluate is None:
+            return False
+        m = self._run_eval()
         val = float(m["val_loss"])
         row = {"step": self.state.step, **m, "val_ppl": math.exp(min(val, 50.0))}
         append_jsonl(self.metrics_path, row)
@@ -400,16 +415,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ the time budget
 
-    def _plan(self, step_times: list[float], elapsed: float, progress: ProgressLog) -> bool:
+    def _plan(self, step_times: list[float], elapsed: float, progress: ProgressLog) -> None:
         """Fix the schedule's length so that the rest of training, evaluations included, fits
-        the budget and the learning rate still anneals to its end. One evaluation is run (and
-        logged) now to time it. Returns True when that evaluation asks to stop early."""
+        the budget and the learning rate still anneals to its end. One evaluation is run now
+        to time it; it is not logged and keeps no weights, so the plan changes no outcome but
+        the number of steps. `elapsed` counts earlier sessions' steps too."""
         cfg, s = self.cfg, self.state
         step_s = sorted(step_times)[len(step_times) // 2]  # median: robust to one slow step
-        eval_s, stop = 0.0, False
+        eval_s = 0.0
         if self.task.evaluate is not None:
             t0 = time.perf_counter()
-            stop = self.evaluate(progress)
+            self._run_eval()
             eval_s = time.perf_counter() - t0
             elapsed += eval_s
         per_step = step_s + (eval_s / cfg.eval_every if cfg.eval_every else 0.0)
@@ -428,7 +444,6 @@ class Trainer:
             progress.message(f"time budget {cfg.time_budget_s:.0f}s: all {cfg.max_steps} steps "
                              f"fit (~{est:.0f}s at {step_s:.3f} s/step)")
         progress.set_total(self.max_steps)
-        return stop
 
     # ------------------------------------------------------------------ the loop
 
@@ -457,7 +472,8 @@ class Trainer:
         cfg, last, interval = self.cfg, {}, _Interval()
         keys: list[str] = []
         # the budget is planned after CALIBRATION steps, the first one (warm-up) untimed
-        plan_at = self.state.step + CALIBRATION + 1 if self._must_plan() else -1
+        plan_at = self.state.step + CALIBRATION + 1 if self._must_plan(progress) else -1
+        before = self.state.train_time_s  # a session resumed before the plan: its steps count
         step_times: list[float] = []
         while self.state.step < self.max_steps:
             row = self.train_step()
@@ -475,10 +491,9 @@ class Trainer:
                 progress.update(n, logged, True)
             else:
                 progress.update(n, row, False)
-            planned_now = n == plan_at  # the plan evaluates once itself: not twice a step
-            if planned_now and self._plan(step_times, time.perf_counter() - t_start, progress):
-                return "early_stop", last
-            if cfg.eval_every and n % cfg.eval_every == 0 and n < self.max_steps and not planned_now:
+            if n == plan_at:
+                self._plan(step_times, time.perf_counter() - t_start + before, progress)
+            if cfg.eval_every and n % cfg.eval_every == 0 and n < self.max_steps:
                 if self.evaluate(progress):
                     return "early_stop", last
             if sig.signum is not None:
@@ -491,12 +506,18 @@ class Trainer:
                 return "time_limit", last
         return ("time_budget" if self.max_steps < cfg.max_steps else "max_steps"), last
 
-    def _must_plan(self) -> bool:
+    def _must_plan(self, progress: ProgressLog) -> bool:
         """A budget is planned once per run (resume keeps the plan), and only when the run
         is long enough for the calibration steps to leave something to plan."""
-        c = self.cfg
-        return (c.time_budget_s is not None and self.state.planned_steps is None
-                and c.max_steps > self.state.step + CALIBRATION + 1)
+        c, s = self.cfg, self.state
+        if c.time_budget_s is None or s.planned_steps is not None:
+            return False
+        if c.max_steps <= s.step + CALIBRATION + 1:
+            progress.message(f"time budget {c.time_budget_s:.0f}s not planned: the run's "
+                             f"{c.max_steps - s.step} steps are within the {CALIBRATION + 1} "
+                             "it would time first")
+            return False
+        return True
 
     def _finish(self, stopped: str, last: dict[str, Any]) -> Result:
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]

@@ -30,6 +30,7 @@ PROBE_N = 512
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16",
               "asimd", "sve", "bf16")  # the last three: aarch64's names
 _BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+_WARNED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ def choose(requested: str, device_type: str) -> Choice:
     when it is measurably slow here (it still runs: the user may have reasons)."""
     if requested == "auto":
         if device_type == "cuda":
-            if torch.cuda.is_bf16_supported():
+            # not emulation: an sm_70/75 GPU "supports" bf16 only by running it slowly
+            if torch.cuda.is_bf16_supported(including_emulation=False):
                 return Choice("bf16", "auto", f"{torch.cuda.get_device_name()} supports bf16")
             return Choice("fp32", "auto", f"{torch.cuda.get_device_name()} has no bf16 "
                                           "(fp16 + loss scaling is train.precision=fp16)")
@@ -135,10 +137,12 @@ def choose(requested: str, device_type: str) -> Choice:
     choice = Choice(requested, requested, "set in the config")
     if device_type == "cpu" and requested in ("bf16", "fp16"):
         r = matmul_speedup(DTYPES[requested])
-        if r < 1.0:
+        if r < 1.0 and requested not in _WARNED:
+            _WARNED.add(requested)  # once per process: the SFT stage and its loop both ask
             print(f"lmforge: warning: precision {requested} on this CPU: its matmuls measured "
                   f"{r:.3g}x fp32's speed ({1 / r:.0f}x slower); precision auto would choose "
                   "fp32", file=sys.stderr, flush=True)
+        if r < 1.0:
             choice = Choice(requested, requested, f"set in the config; measured {r:.3g}x fp32 here")
     return choice
 
@@ -152,11 +156,6 @@ def make_precision(name: str, device_type: str, growth_interval: int = 2000) -> 
         scaler = torch.amp.GradScaler(device_type, init_scale=2.0**16, growth_factor=2.0,
                                       backoff_factor=0.5, growth_interval=growth_interval)
     return Precision(choice.name, device_type, scaler, choice)
-
-
-def torch_dtype(name: str, device_type: str) -> torch.dtype:
-    """The dtype a precision setting (auto included) stands for on this device."""
-    return DTYPES[choose(name, device_type).name]
 
 
 @lru_cache(maxsize=8)

@@ -203,6 +203,12 @@ def test_schedules_closed_form() -> None:
     assert lr_at(9, cos, 110) == pytest.approx(1.0)
     assert lr_at(60, cos, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi/2) = 0
     assert lr_at(110, cos, 110) == pytest.approx(0.1)
+    # a run shorter than twice its warmup warms up over half of it, then anneals: 8 steps,
+    # warmup 30 -> 4: lr 0.25, ..., 1.0 at step 3, then cosine to 0.1 at step 8
+    assert [lr_at(k, cos.model_copy(update={"warmup_steps": 30}), 8) for k in (0, 3)] == \
+        pytest.approx([0.25, 1.0])
+    assert lr_at(6, cos.model_copy(update={"warmup_steps": 30}), 8) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
     lin = OptimCfg(lr=2.0, schedule="linear", min_lr_ratio=0.0)
     assert lr_at(25, lin, 100) == pytest.approx(1.5)
     assert lr_at(77, OptimCfg(lr=0.5, schedule="constant"), 100) == 0.5

@@ -42,18 +42,33 @@ def test_plan_arithmetic(tmp_path: Path, windows) -> None:
                  tmp_path, model, _sleepy_task(model, windows, 0.0))
     tr.state.step = 10
     steps = [0.1] * 9 + [5.0]  # one slow outlier: the median ignores it
-    assert tr._plan(steps, 1.0, ProgressLog("off", 500, 10, "")) is False
+    tr._plan(steps, 1.0, ProgressLog("off", 500, 10, ""))
     assert tr.state.planned_steps == 110 and tr.max_steps == 110
     assert tr.state.budget["step_s"] == pytest.approx(0.1)
-    # with evaluations: each costs what it took (timed now), every 10 steps, plus the final one
-    tr.state.planned_steps = None
-    tr.task.evaluate = lambda: (time.sleep(0.5), {"val_loss": 1.0})[1]
-    tr.cfg = train_cfg(max_steps=500, time_budget_s=11.0, eval_every=10, final="last")
-    tr._plan(steps, 1.0, ProgressLog("off", 500, 10, ""))
-    eval_s = tr.state.budget["eval_s"]
-    assert eval_s >= 0.5
-    left = 11.0 - 1.0 - eval_s - eval_s  # the eval just run and the final one
-    assert tr.state.planned_steps == 10 + int(left / (0.1 + eval_s / 10))
+
+
+def test_plan_arithmetic_with_evaluations(tmp_path: Path, windows, monkeypatch) -> None:
+    """Worked numbers with evaluations: each takes 0.5 s (a fake clock), every 8 steps, plus
+    the one timed now and the final one: 11 - 1 - 0.5 (now) - 0.5 (final) = 9 s left at
+    0.125 + 0.5 / 8 = 0.1875 s per step -> 48 more steps: the plan is 58 (binary-exact
+    numbers). The timing evaluation is neither logged nor kept as the best."""
+    model = micro_llama()
+    task = _sleepy_task(model, windows, 0.0)
+    clock = [100.0]  # stands still except while evaluating
+
+    def evaluate() -> dict[str, float]:
+        clock[0] += 0.5
+        return {"val_loss": 1.0}
+
+    monkeypatch.setattr("lmforge.train.loop.time.perf_counter", lambda: clock[0])
+    task.evaluate = evaluate
+    tr = Trainer(train_cfg(max_steps=500, time_budget_s=11.0, eval_every=8), COS, QUIET,
+                 tmp_path, model, task)
+    tr.state.step = 10
+    tr._plan([0.125] * 10, 1.0, ProgressLog("off", 500, 10, ""))
+    assert tr.state.budget["eval_s"] == 0.5
+    assert tr.state.planned_steps == 58
+    assert not (tmp_path / "metrics.jsonl").exists() and tr.state.best_val is None
 
 
 def test_budget_cuts_the_schedule_and_still_anneals(tmp_path: Path, windows) -> None:
@@ -77,7 +92,7 @@ def test_the_plan_survives_resume(tmp_path: Path, windows) -> None:
     model = micro_llama()
     cfg = train_cfg(max_steps=400, time_budget_s=1e6, save_every=CALIBRATION + 2)
     tr = Trainer(cfg, OPTIM, QUIET, tmp_path, model, lm_task(model, windows, 8, 1))
-    tr.state.planned_steps = 37  # as if the budget had cut it
+    tr.state.planned_steps, tr.state.budget = 37, {"budget_s": 1e6}  # as if the budget cut it
     tr.run()
     assert tr.state.step == 37
     model2 = micro_llama(seed=3)
@@ -96,10 +111,14 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path, wi
     tr = Trainer(cfg, OPTIM, QUIET, tmp_path, model2, lm_task(model2, windows, 8, 1))
     assert tr.resume(ProgressLog("plain", 4, 0, "")) == tmp_path / "checkpoints" / "step-2"
     assert tr.state.step == 2
+    # set aside, so it neither takes a keep_last slot nor is tried again
+    assert (tmp_path / "checkpoints" / "step-4.damaged").is_dir()
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-2"
     out = capsys.readouterr().out
     assert "step-4/model.safetensors is truncated or corrupt" in out and "before it" in out
     # every checkpoint damaged: a one-line error that names the way out, not a fresh start
     w2 = tmp_path / "checkpoints" / "step-2" / "model.safetensors"
+    assert w2.exists()
     w2.write_bytes(b"\0" * 10)
     tr = Trainer(cfg, OPTIM, QUIET, tmp_path, micro_llama(), lm_task(model2, windows, 8, 1))
     with pytest.raises(UserError, match="no checkpoint .* loads .*train.resume=never"):
@@ -187,3 +206,40 @@ def test_mfu_never_above_one(tmp_path: Path, windows, capsys) -> None:
     out = tr._log_row(iv, row, [], ProgressLog("plain", 1, 0, ""))
     assert out["mfu"] == 1.0 and out["flops_per_s"] == tr._peak
     assert "peak estimate was low" in capsys.readouterr().out
+
+
+def test_plan_evaluation_does_not_count_toward_patience(tmp_path: Path, windows) -> None:
+    """With eval_every on the planning step and patience 1, the plan's timing evaluation must
+    not make the real one at the same step look like 'no improvement'."""
+    model = micro_llama()
+    task = lm_task(model, windows, 8, 1)
+    vals = iter([2.0, 1.5, 1.0, 0.5])
+    task.evaluate = lambda: {"val_loss": next(vals)}
+    cfg = train_cfg(max_steps=CALIBRATION + 3, time_budget_s=1e6, eval_every=CALIBRATION + 1,
+                    patience=1, final="last")
+    res = Trainer(cfg, OPTIM, QUIET, tmp_path, model, task).run()
+    assert res.stopped == "max_steps" and res.steps == CALIBRATION + 3
+    evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "val_loss" in r]
+    assert [(r["step"], r["val_loss"]) for r in evals] == [(CALIBRATION + 1, 1.5), (CALIBRATION + 3, 1.0)]
+
+
+def test_a_changed_budget_drops_the_stored_plan(tmp_path: Path, windows, capsys) -> None:
+    model = micro_llama()
+    first = Trainer(train_cfg(max_steps=8, time_budget_s=30.0, final="last"), OPTIM, QUIET,
+                    tmp_path, model, lm_task(model, windows, 8, 1))
+    first.state.planned_steps, first.state.budget = 5, {"budget_s": 30.0}  # the budget cut it
+    assert first.run().steps == 5
+    again = Trainer(train_cfg(max_steps=8, final="last"), OPTIM,
+                    QUIET.model_copy(update={"progress": "plain"}), tmp_path, model,
+                    lm_task(model, windows, 8, 1))
+    assert again.run().steps == 8  # no budget now: the plan made for 30 s no longer binds
+    assert "stored plan of 5 steps is dropped" in capsys.readouterr().out
+
+
+def test_a_too_short_run_says_the_budget_is_not_planned(tmp_path: Path, windows, capsys) -> None:
+    model = micro_llama()
+    cfg = train_cfg(max_steps=CALIBRATION, time_budget_s=5.0, final="last")
+    res = Trainer(cfg, OPTIM, QUIET.model_copy(update={"progress": "plain"}), tmp_path, model,
+                  lm_task(model, windows, 8, 1)).run()
+    assert res.steps == CALIBRATION and res.budget == {}
+    assert "not planned" in capsys.readouterr().out
