@@ -352,3 +352,34 @@ def test_qlora_grads_only_on_adapters(tmp_path: Path, compute_dtype: str) -> Non
             assert not p.requires_grad and p.grad is None, n
     n_adapters = sum("lora_" in n for n, _ in peft_model.named_parameters())
     assert n_adapters == 2 * 14
+
+
+def test_best_adapter_final_is_exported_in_place(tmp_path: Path, windows) -> None:
+    """With final=best, an adapter run's final/ holds the best evaluation's adapter and records
+    its own base (final/base), not best/'s: a copy of best/ would point into best/."""
+    from safetensors.torch import load_file
+
+    from lmforge.train.loop import Trainer
+    from tests.conftest import OPTIM, QUIET, lm_task, train_cfg
+
+    make_chat_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    save_hf(micro_llama(seed=3, vocab=len(tok)), tmp_path / "base", tok)
+    fmt = resolve_format(tok, "chatml")
+    install_format(tok, fmt)
+    model = load_model(tmp_path / "base")
+    add_rows_for_new_tokens(model, len(tok))
+    ids = [tok.convert_tokens_to_ids(t) for t in fmt.special_tokens]
+    peft_model = apply_lora(model, LoraCfg(method="lora", r=4, alpha=8), ids)
+    task = lm_task(peft_model, windows, 8, 1)
+    vals = iter([2.0, 1.0, 3.0])  # the best is the evaluation at step 2, not the last
+    task.evaluate = lambda: {"val_loss": next(vals)}
+    run = tmp_path / "run"
+    task.export = lambda out: export_peft(peft_model, out, tok, str(tmp_path / "base"))
+    Trainer(train_cfg(max_steps=3, eval_every=1, final="best"), OPTIM, QUIET, run, peft_model,
+            task, tok).run()
+    conf = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
+    assert Path(conf["base_model_name_or_path"]) == (run / "final" / "base").resolve()
+    best = load_file(str(run / "best" / "adapter" / "adapter_model.safetensors"))
+    final = load_file(str(run / "final" / "adapter" / "adapter_model.safetensors"))
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)

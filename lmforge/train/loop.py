@@ -195,6 +195,10 @@ class Trainer:
         self.ckpt_root = run_dir / "checkpoints"
         self.metrics_path = run_dir / "metrics.jsonl"
         self._peak: float | None = None  # the MFU roofline, measured on first use
+        # a custom export (adapter runs) writes paths of its own directory into what it
+        # writes, so final/ must be exported, not copied from best/: the best trainable
+        # weights are kept in memory for it (adapters: a small fraction of the model)
+        self._best_trainable: dict[str, torch.Tensor] | None = None
 
     @property
     def max_steps(self) -> int:
@@ -409,6 +413,9 @@ class Trainer:
             s.best_val, s.evals_since_best = val, 0
             if self.cfg.final == "best":
                 self.export(self.run_dir / "best")
+                if self.task.export is not None:
+                    self._best_trainable = {n: p.detach().clone() for n, p in
+                                            self.model.named_parameters() if p.requires_grad}
         else:
             s.evals_since_best += 1
         return bool(self.cfg.patience) and s.evals_since_best >= self.cfg.patience
@@ -530,7 +537,13 @@ class Trainer:
         self.save()
         final = self.run_dir / "final"
         best = self.run_dir / "best"
-        if self.cfg.final == "best" and best.exists():
+        if self.cfg.final == "best" and self._best_trainable is not None:
+            with torch.no_grad():  # the best weights back in place, then the export's own paths
+                for n, p in self.model.named_parameters():
+                    if n in self._best_trainable:
+                        p.copy_(self._best_trainable[n])
+            self.export(final)
+        elif self.cfg.final == "best" and best.exists():
             with atomic_dir(final) as tmp:
                 shutil.copytree(best, tmp, dirs_exist_ok=True)
         else:
