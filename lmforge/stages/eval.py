@@ -234,7 +234,7 @@ def main(cfg: EvalCfg) -> dict[str, Any]:
         raise UserError(f"chat=on: {cfg.model.path} has no chat template in its tokenizer files")
     gen = H.Generator(model, tokenizer, chat)
     precision = make_precision(cfg.precision, next(model.parameters()).device.type)
-    print(f"eval: {precision.choice.line()}")  # type: ignore[union-attr]
+    print(f"eval: {precision.choice.line()}")
     autocast = precision.autocast
     results: dict[str, Any] = {}
     task_items: dict[str, list[Any]] = {}
@@ -257,7 +257,7 @@ def main(cfg: EvalCfg) -> dict[str, Any]:
                                "settings": {"n": cfg.n, "k": cfg.k, "temperature": cfg.temperature,
                                             "top_p": cfg.top_p, "chat": gen.chat,
                                             "max_new_tokens": cfg.max_new_tokens},
-                               "precision": precision.choice.as_dict()}  # type: ignore[union-attr]
+                               "precision": precision.choice.as_dict()}
     if isolation is not None:
         summary["sandbox"] = {"level": isolation.level, "layers": isolation.layers,
                               "notes": list(isolation.notes)}

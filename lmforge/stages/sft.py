@@ -253,8 +253,7 @@ def main(cfg: SftCfg) -> dict[str, Any]:
           f"{train_b.epochs(cfg.train.max_steps, sft_micro, cfg.train.grad_accum):.2f} epochs")
 
     general, anchor = forgetting_setup(cfg, model, tokenizer, device)
-    precision = make_precision(cfg.train.precision, device.type)
-    print(f"sft: {precision.choice.line()}")  # type: ignore[union-attr]
+    precision = make_precision(cfg.train.precision, device.type)  # the loop logs the choice
 
     def general_ppl(m: PreTrainedModel) -> dict[str, float]:
         if general is None:

@@ -461,7 +461,7 @@ class Trainer:
             torch.set_num_threads(self.cfg.threads)
         torch.manual_seed(self.cfg.seed)
         progress = ProgressLog(self.log_cfg.progress, self.max_steps, 0, self.run_dir.name)
-        progress.message(self.precision.choice.line())  # type: ignore[union-attr]
+        progress.message(self.precision.choice.line())
         try:
             resumed = self.resume(progress)
             progress.restart(self.max_steps, self.state.step)
@@ -550,7 +550,7 @@ class Trainer:
             self.export(final)
         s = self.state
         return Result(s.step, s.tokens, stopped, final, last, s.best_val, s.nonfinite_total,
-                      s.train_time_s, self.precision.choice.as_dict(),  # type: ignore[union-attr]
+                      s.train_time_s, self.precision.choice.as_dict(),
                       self.max_steps, dict(s.budget or {}))
 
 

@@ -51,10 +51,13 @@ class Choice:
 
 @dataclass
 class Precision:
-    name: str
+    choice: Choice  # what runs, what was asked for, and why
     device_type: str
     scaler: torch.amp.GradScaler | None  # fp16 only: fp16 gradients underflow without it
-    choice: Choice | None = None
+
+    @property
+    def name(self) -> str:
+        return self.choice.name
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -155,7 +158,7 @@ def make_precision(name: str, device_type: str, growth_interval: int = 2000) -> 
     if choice.name == "fp16":
         scaler = torch.amp.GradScaler(device_type, init_scale=2.0**16, growth_factor=2.0,
                                       backoff_factor=0.5, growth_interval=growth_interval)
-    return Precision(choice.name, device_type, scaler, choice)
+    return Precision(choice, device_type, scaler)
 
 
 @lru_cache(maxsize=8)
