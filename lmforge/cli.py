@@ -20,6 +20,8 @@ from lmforge.errors import Interrupted, Terminated, TrainingError, UserError
 from lmforge.io import storage_error
 from lmforge.stages import STAGES
 
+SYNTH = {"pairs": "pairs"}  # `lmforge synth KIND` -> the stage that makes it
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmforge", description="lmforge: train, align, compress and serve language models, measuring every step.")
@@ -32,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "sft":
             s.add_argument("--preview", type=int, default=0, metavar="N",
                            help="print N rendered training examples, loss tokens in [[...]], and exit")
+    y = sub.add_parser("synth", help="make training data with a model: `synth pairs` (preference "
+                       "pairs judged by running the answers' tests)")
+    y.add_argument("kind", choices=sorted(SYNTH), help="what to make")
+    y.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.path=value")
     m = sub.add_parser("merge", help="merge a LoRA/DoRA/QLoRA adapter into its base model")
     m.add_argument("adapter", type=Path, help="an adapter dir (e.g. runs/demo/sft/final/adapter)")
     m.add_argument("--base", help="base model dir or hub id (default: the adapter's own record)")
@@ -146,6 +152,8 @@ def _dispatch(ns: argparse.Namespace) -> int:
     from lmforge.config import load_config
     from lmforge.stages import run_stage
 
+    if ns.command == "synth":
+        ns.command = SYNTH[ns.kind]
     if ns.command == "eval":
         path, overrides = _eval_overrides(ns, ns.args)
     else:

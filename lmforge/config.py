@@ -334,6 +334,114 @@ class EvalCfg(Cfg):
     contamination: ContaminationCfg = ContaminationCfg()
 
 
+# --------------------------------------------------------------------------- preference
+
+
+class PrefDataCfg(Cfg):
+    """Preference rows: (prompt, chosen, rejected) pairs, or (prompt, completion, label) rows."""
+
+    # a .jsonl/.json(.gz) file, a hub dataset id, or a `pairs` stage dir (its pairs.jsonl)
+    train: str | None = None
+    val: str | None = None  # same kinds; None: `val_fraction` of train, split by hash
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    # auto: told from the first row. pairs: prompt/chosen/rejected (text or chat messages, or
+    # two whole conversations split at their shared prefix); hh: HH-RLHF "\n\nHuman: ..."
+    # dialogues split at the last shared "Assistant:"; unpaired: prompt/completion/label (KTO)
+    format: Literal["auto", "pairs", "hh", "unpaired"] = "auto"
+    split: str = "train"  # hub datasets only
+    template: str = "auto"  # as in sft: auto | tokenizer | chatml | ... | a .jinja
+    max_length: int = Field(512, ge=8)  # prompt + completion tokens of one sequence
+    truncation: Literal["left", "drop"] = "left"  # left: the prompt loses its oldest tokens
+    packing: bool = True  # chosen and rejected packed padding-free into rows of max_length
+    skip_invalid: bool = False  # count and skip bad rows instead of stopping at the first
+    limit: int | None = Field(None, ge=1)
+    tokenizer: Path | None = None  # only for a model built from a preset
+
+
+class RefCfg(Cfg):
+    """The reference policy of DPO-style losses (unused by the reference-free simpo/orpo)."""
+
+    model: str | None = None  # an HF dir or hub id; None: the model training starts from
+    # log-probs computed in one pass before training and cached on disk (keyed by the
+    # reference's weights, the chat template and the data): no reference in memory while
+    # training, and a rerun or resume reads them back. false: computed every step, by the
+    # adapter-disabled base (LoRA without ref.model) or by a frozen reference model
+    precompute: bool = True
+    cache_dir: Path | None = None  # None: <run.dir>/ref_cache
+
+
+PAIRED_LOSSES = ("sigmoid", "ipo", "cdpo", "robust", "hinge", "simpo", "orpo")
+
+
+class DpoCfg(TrainingCfg):
+    model: ModelCfg = ModelCfg(preset=None)  # the policy starts from model.path
+    optim: OptimCfg = OptimCfg(lr=5e-6, weight_decay=0.0, warmup_steps=10)
+    data: PrefDataCfg = PrefDataCfg()
+    lora: LoraCfg = LoraCfg()
+    ref: RefCfg = RefCfg()
+    # sigmoid: DPO; ipo; cdpo: conservative DPO (label_smoothing); robust: robust DPO
+    # (label_smoothing); hinge: SLiC; simpo and orpo: reference-free
+    loss: Literal["sigmoid", "ipo", "cdpo", "robust", "hinge", "simpo", "orpo"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)  # KL strength (DPO family); SimPO's reward scale
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cdpo / robust: assumed label-flip rate
+    simpo_gamma: float = Field(0.5, ge=0)  # SimPO's target reward margin
+    orpo_lambda: float = Field(0.1, gt=0)  # ORPO: weight of the odds-ratio term next to NLL
+    rpo_alpha: float = Field(0.0, ge=0)  # RPO: + alpha * NLL of the chosen completions
+    task: SyntheticTaskCfg = SyntheticTaskCfg()
+    eval: TaskEvalCfg = TaskEvalCfg(before=False)  # held-out pass@1 of the trained policy
+
+
+class KtoCfg(TrainingCfg):
+    model: ModelCfg = ModelCfg(preset=None)
+    optim: OptimCfg = OptimCfg(lr=5e-6, weight_decay=0.0, warmup_steps=10)
+    data: PrefDataCfg = PrefDataCfg()  # unpaired rows; pairs give one row of each label
+    lora: LoraCfg = LoraCfg()
+    ref: RefCfg = RefCfg()
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0)  # lambda_D; raise it when desirable rows are rare
+    undesirable_weight: float = Field(1.0, gt=0)  # lambda_U
+    task: SyntheticTaskCfg = SyntheticTaskCfg()
+    eval: TaskEvalCfg = TaskEvalCfg(before=False)
+
+
+class RmCfg(TrainingCfg):
+    model: ModelCfg = ModelCfg(preset=None)  # a causal LM; a scalar head is put on it
+    optim: OptimCfg = OptimCfg(lr=1e-5, weight_decay=0.0, warmup_steps=10)
+    data: PrefDataCfg = PrefDataCfg()
+    lora: LoraCfg = LoraCfg()
+    margin: bool = False  # Bradley-Terry with each row's "margin" field (rows without: 0)
+    # fit reward ~ a + b * completion_tokens on the training pairs and save b with the model,
+    # so scoring can subtract the part of the reward that only measures length
+    length_normalize: bool = False
+
+
+class PairsCfg(Cfg):
+    """`lmforge synth pairs`: sample n answers per problem, judge them, pair good with bad."""
+
+    run: RunCfg = RunCfg(dir=Path("runs/pairs"))
+    model: ModelCfg = ModelCfg(preset=None)  # the policy that answers (model.path)
+    task: Literal["synthetic_code", "mbpp"] = "synthetic_code"
+    source: str | None = None  # mbpp: a file, directory or hub id (default: the hub's)
+    split: str = "train"  # mbpp split the problems come from
+    synthetic: SyntheticTaskCfg = SyntheticTaskCfg()  # synthetic_code: its train problems
+    limit: int | None = Field(None, ge=1)  # problems (the first ones)
+    n: int = Field(8, ge=2)  # answers sampled per problem
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(160, ge=1)
+    batch_size: int = Field(64, ge=1)
+    pairs_per_problem: int = Field(2, ge=1)
+    # execution: passing answers chosen over failing ones, the reference solution chosen when
+    # none passes; reward_model: best against worst of n by `reward_model`'s score
+    judge: Literal["execution", "reward_model"] = "execution"
+    reward_model: str | None = None  # an `lmforge rm` final/ dir
+    reference_when_none_pass: bool = True
+    signature_prefill: bool = True  # synthetic_code answers start at `def name(arg):`
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    sandbox: SandboxCfg = SandboxCfg()
+    seed: int = 0
+
+
 class ReportCfg(Cfg):
     prompts: list[str] = ["def ", "import ", "class "]
     max_new_tokens: int = Field(64, ge=1)

@@ -21,6 +21,10 @@ STAGES: dict[str, type[C.Cfg]] = {
     "tokenizer": C.TokenizerCfg,
     "pretrain": C.PretrainCfg,
     "sft": C.SftCfg,
+    "pairs": C.PairsCfg,  # also `lmforge synth pairs`
+    "rm": C.RmCfg,
+    "dpo": C.DpoCfg,
+    "kto": C.KtoCfg,
     "eval": C.EvalCfg,
 }
 
