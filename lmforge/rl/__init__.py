@@ -1,0 +1,1 @@
+"""Reinforcement-learning parts: reward functions (so far a reward model's score)."""

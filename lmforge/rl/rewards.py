@@ -1,0 +1,120 @@
+"""Rewards for sampled answers. So far one: the scalar a reward model gives an answer.
+
+A reward model is what `lmforge rm` saves: a causal LM with a one-output `score` head, loaded
+with `AutoModelForSequenceClassification`, whose config names its pad token (the head reads the
+last token that is not padding, so batches must be told where that is).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from lmforge.chat import Message
+from lmforge.errors import UserError
+from lmforge.io import check_local_or_hub
+
+LENGTH_FILE = "reward_length.json"  # written by the rm stage when trained with length_normalize
+
+
+def reward_model_scores(model_dir: str | Path, tokenizer_dir: str | Path | None,
+                        prompts: list[list[Message]], answers: list[str],
+                        batch_size: int) -> list[float]:
+    """The reward model's scalar for each (prompt, answer): prompt + [assistant: answer]
+    rendered with the chat template of the RM's tokenizer (`tokenizer_dir`, default
+    `model_dir`), right-padded, scored in fp32 by the model's own forward, so the score is
+    read where training read it (the last non-pad token).
+
+    Length correction: when `<model_dir>/reward_length.json` exists ({"slope": b,
+    "intercept": a}, the rm stage's fit of reward ~ a + b * completion_tokens on its training
+    pairs), b * (the answer's tokens, the RM tokenizer's count without special tokens) is
+    subtracted from each score: a longer answer then earns nothing for its length alone. The
+    intercept is the same for every answer and is left in.
+
+    A conversation longer than the model's context loses its oldest tokens (the answer's end,
+    where the score is read, is kept)."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    from lmforge.models import resolve_model_dir
+    from lmforge.tokenizer import load_tokenizer
+
+    model_dir = resolve_model_dir(model_dir)
+    tok = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else model_dir)
+    if not getattr(tok, "chat_template", None):
+        raise UserError(f"reward model {model_dir}: its tokenizer has no chat template to "
+                        "render (prompt, answer) with")
+    model = _load_rm(model_dir)
+    pad = int(model.config.pad_token_id)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    rows = []
+    for conv, answer in zip(prompts, answers):
+        out: Any = tok.apply_chat_template([*conv, {"role": "assistant", "content": answer}],
+                                           tokenize=True, return_dict=True,
+                                           add_generation_prompt=False)
+        rows.append(list(out["input_ids"])[-context:])
+    scores = _forward(model, rows, pad, batch_size)
+    slope = _length_slope(Path(model_dir))
+    if slope:
+        lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers]
+        scores = [s - slope * n for s, n in zip(scores, lengths)]
+    return scores
+
+
+def _load_rm(model_dir: str) -> PreTrainedModel:
+    check_local_or_hub(model_dir, "reward model")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot load reward model {model_dir!r}: {first}") from None
+    if model.config.num_labels != 1:
+        raise UserError(f"reward model {model_dir}: its head has {model.config.num_labels} "
+                        "outputs; a reward model has one (an `lmforge rm` final/ dir)")
+    if model.config.pad_token_id is None:
+        raise UserError(f"reward model {model_dir}: config.json has no pad_token_id, so a "
+                        "batch cannot say where each answer ends")
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return model.eval()  # type: ignore[no-any-return]
+
+
+@torch.inference_mode()
+def _forward(model: PreTrainedModel, rows: list[list[int]], pad: int,
+             batch_size: int) -> list[float]:
+    """One scalar per row; rows batched by length (little compute spent on padding)."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = [0.0] * len(rows)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        T = max(len(rows[i]) for i in idx)
+        x = torch.full((len(idx), T), pad, dtype=torch.long)  # (B, T)
+        att = torch.zeros((len(idx), T), dtype=torch.long)  # (B, T)
+        for r, i in enumerate(idx):
+            x[r, :len(rows[i])] = torch.tensor(rows[i])
+            att[r, :len(rows[i])] = 1
+        logits = model(input_ids=x.to(device), attention_mask=att.to(device)).logits  # (B, 1)
+        for r, v in zip(idx, logits[:, 0].float().tolist()):
+            out[r] = v
+    return out
+
+
+def _length_slope(model_dir: Path) -> float:
+    """b of the rm stage's length fit, or 0.0 when it made none."""
+    path = model_dir / LENGTH_FILE
+    if not path.exists():
+        return 0.0
+    try:
+        slope = json.loads(path.read_text(encoding="utf-8"))["slope"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: expected {{\"slope\": b, \"intercept\": a}} ({e})") from None
+    if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not math.isfinite(slope):
+        raise UserError(f"{path}: slope must be a finite number, got {slope!r}")
+    return float(slope)
