@@ -76,3 +76,53 @@ def token_mean(batches: Iterable[Any], loss_of: Callable[[Any], tuple[torch.Tens
         total += float(loss) * m["n_tokens"]
         count += m["n_tokens"]
     return total / max(count, 1.0)
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log p(target) per row of an (N, V) block, one chunk of rows at a time.
+
+    Autograd would keep every chunk's upcast copy for the backward, and those copies add up to
+    the very fp32 (N, V) tensor the chunking avoids (DESIGN rule 4). So the forward keeps only
+    the logits as given and one logsumexp per row, and the backward rebuilds each chunk's
+    softmax from them: the gradient of logit[t] - lse is onehot(t) - softmax.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 when given fp64
+        lse = torch.empty(logits.size(0), dtype=acc, device=logits.device)  # (N,)
+        out = torch.empty_like(lse)  # (N,)
+        for i in range(0, logits.size(0), chunk_rows):
+            lg = logits[i : i + chunk_rows].to(acc)  # (chunk, V)
+            lse[i : i + chunk_rows] = torch.logsumexp(lg, dim=-1)
+            picked = lg.gather(-1, targets[i : i + chunk_rows, None]).squeeze(-1)  # (chunk,)
+            out[i : i + chunk_rows] = picked - lse[i : i + chunk_rows]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, targets, lse = ctx.saved_tensors
+        c = ctx.chunk_rows
+        grad = torch.empty_like(logits)  # (N, V) in the logits' own dtype
+        for i in range(0, logits.size(0), c):
+            g = grad_out[i : i + c, None].to(lse.dtype)  # (chunk, 1)
+            d = (logits[i : i + c].to(lse.dtype) - lse[i : i + c, None]).exp_().mul_(-g)  # -p g
+            grad[i : i + c] = d.scatter_add_(-1, targets[i : i + c, None], g)  # + g at the target
+        return grad, None, None
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
+    """log p(target) at every position: logits (..., V) and targets (...) give (...).
+
+    Computed as logit[target] - logsumexp(logits) on `chunk_rows` positions at a time, each
+    chunk upcast on its own to fp32 (fp64 when given fp64): the result is fp32 for bf16 logits,
+    and neither the forward nor the backward holds an fp32 copy of more than one chunk.
+
+    Worked example: V=2, logits [log 3, 0] and target 0 give log(3/4) = -0.2877.
+    """
+    V = logits.size(-1)
+    flat = _TokenLogps.apply(logits.reshape(-1, V), targets.reshape(-1), chunk_rows)  # (N,)
+    return flat.reshape(targets.shape)
