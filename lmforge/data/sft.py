@@ -12,6 +12,7 @@ causal mask and its fast path.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,33 +87,43 @@ def pack_rows(lengths: list[int], capacity: int, seed: int) -> list[list[int]]:
     return rows
 
 
-def collate(examples: list[Rendered], rows: list[list[int]], pad_id: int) -> Batch:
+def collate(examples: Sequence[Rendered], rows: list[list[int]], pad_id: int,
+            seq_ids: Sequence[int] | None = None) -> Batch:
     """Rows of examples -> input_ids, targets, loss_mask, position_ids, valid, all (B, T),
     shifted so position t predicts targets[t]. A target counts where its loss_mask is 1;
-    `valid` is 1 on every real (not padding) position."""
+    `valid` is 1 on every real (not padding) position. With `seq_ids`, also "seq_ids" (B, T):
+    seq_ids[i] on example i's loss targets, -1 elsewhere, so a per-example sum (preference
+    losses need one log-prob per sequence) is one index_add whatever the rows hold."""
     seqs = []
     for row in rows:
         ids: list[int] = []
         tgt: list[int] = []
         mask: list[int] = []
         pos: list[int] = []
+        sid: list[int] = []
         for i in row:
             e = examples[i]
             ids += e.ids[:-1]
             tgt += e.ids[1:]
             mask += e.loss_mask[1:]
             pos += range(len(e.ids) - 1)
-        seqs.append((ids, tgt, mask, pos))
+            if seq_ids is not None:
+                sid += [seq_ids[i] if m else -1 for m in e.loss_mask[1:]]
+        seqs.append((ids, tgt, mask, pos, sid))
     T = max(len(s[0]) for s in seqs)
-    out = {k: torch.zeros(len(seqs), T, dtype=torch.long)
-           for k in ("input_ids", "targets", "loss_mask", "position_ids", "valid")}
-    for b, (ids, tgt, mask, pos) in enumerate(seqs):
+    keys = ("input_ids", "targets", "loss_mask", "position_ids", "valid")
+    out = {k: torch.zeros(len(seqs), T, dtype=torch.long) for k in keys}
+    if seq_ids is not None:
+        out["seq_ids"] = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for b, (ids, tgt, mask, pos, sid) in enumerate(seqs):
         n = len(ids)
         out["input_ids"][b, :n] = torch.tensor(ids)
         out["input_ids"][b, n:] = pad_id
         out["targets"][b, :n] = torch.tensor(tgt)
         out["loss_mask"][b, :n] = torch.tensor(mask)
         out["valid"][b, :n] = 1
+        if seq_ids is not None:
+            out["seq_ids"][b, :n] = torch.tensor(sid)
         # padding continues the last example's positions: no restart, so no extra segment
         start = pos[-1] + 1 if pos else 0
         out["position_ids"][b, :n] = torch.tensor(pos)
