@@ -232,7 +232,7 @@ class LoraCfg(Cfg):
 
 
 class ChatDataCfg(Cfg):
-    train: str | None = None  # a .jsonl/.json file, a hub dataset id, or "synthetic_code"
+    train: str | None = None  # .jsonl/.json, hub id, "synthetic_code", or "mbpp[:PATH|HUB_ID]" (split data.split; as data.val: validation)
     val: str | None = None  # same kinds; None: `val_fraction` of train, split by hash
     val_fraction: float = Field(0.02, ge=0, lt=1)
     format: Literal["auto", "messages", "prompt_completion", "alpaca"] = "auto"

@@ -44,6 +44,7 @@ from lmforge.train.loop import Task, train
 from lmforge.train.precision import make_precision
 
 SYNTHETIC = "synthetic_code"
+MBPP = "mbpp"  # `mbpp` (the hub's copy) or `mbpp:SOURCE` (a file, directory or hub id)
 
 
 # --------------------------------------------------------------------------- model + template
@@ -92,10 +93,36 @@ def _hash_split(convs: list[Conversation], fraction: float) -> tuple[list[Conver
     return train, val
 
 
+def _is_mbpp(spec: str) -> bool:
+    return spec == MBPP or spec.startswith(MBPP + ":")
+
+
+def _mbpp_conversations(spec: str, split: str, key: str,
+                        limit: int | None = None) -> list[Conversation]:
+    """MBPP items as conversations whose user turn is the zero-shot eval prompt; any problem
+    with the source is one line that names the key it came from."""
+    from lmforge.tasks.mbpp import SPLITS, sft_conversations
+
+    if split not in SPLITS:
+        raise UserError(f"data.split={split!r} is not an MBPP split (expected {', '.join(SPLITS)})")
+    source = spec.partition(":")[2]
+    if spec != MBPP and not source.strip():
+        raise UserError(f"{key}={spec!r}: give the MBPP file, directory or hub id after "
+                        f"'{MBPP}:', or write {MBPP} for the hub's copy")
+    try:
+        return sft_conversations(source or None, split=split, limit=limit)
+    except UserError as e:
+        raise UserError(f"{key}={spec}: {e}") from None
+
+
 def load_data(cfg: SftCfg, splits: Any = None) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]], dict[str, Any]]:
     d = cfg.data
     if d.train is None:
-        raise UserError(f"sft: set data.train (a .jsonl/.json file, a hub dataset id, or {SYNTHETIC})")
+        raise UserError(f"sft: set data.train (a .jsonl/.json file, a hub dataset id, {SYNTHETIC} "
+                        f"or {MBPP}[:SOURCE])")
+    if d.val is not None and _is_mbpp(d.val) and _is_mbpp(d.train) and d.split == "validation":
+        raise UserError("data.val: MBPP validation items are already the training data "
+                        "(data.split=validation); give data.val another source")
     stats: dict[str, Any] = {}
     if d.train == SYNTHETIC:
         train_p = splits.train
@@ -103,12 +130,21 @@ def load_data(cfg: SftCfg, splits: Any = None) -> tuple[list[list[dict[str, str]
                                {"role": "assistant", "content": p.solution}), p.task_id)
                  for p in train_p]
         stats["rows"] = {"source": SYNTHETIC, "rows": len(convs), "kept": len(convs)}
+    elif _is_mbpp(d.train):
+        convs = _mbpp_conversations(d.train, d.split, "data.train", d.limit)
+        stats["rows"] = {"source": d.train, "split": d.split, "rows": len(convs), "kept": len(convs)}
     else:
         convs, st = load_conversations(d.train, d.format, split=d.split,
                                        skip_invalid=d.skip_invalid, limit=d.limit)
         stats["rows"] = {"source": d.train, "format": st.format, "rows": st.rows, "kept": st.kept,
                          "skipped": st.skipped}
-    if d.val is not None:
+    if d.val is not None and _is_mbpp(d.val):
+        # Held-out MBPP items are upstream's validation split (511-600), whatever data.split
+        # trains on; it does not overlap the test split (11-510) the eval reads by default.
+        val = _mbpp_conversations(d.val, "validation", "data.val")
+        stats["val_rows"] = {"source": d.val, "split": "validation", "kept": len(val)}
+        train_c = convs
+    elif d.val is not None:
         val, st = load_conversations(d.val, d.format, split=d.split, skip_invalid=d.skip_invalid)
         stats["val_rows"] = {"source": d.val, "kept": st.kept, "skipped": st.skipped}
         train_c = convs

@@ -28,6 +28,11 @@ would put a blank line in its prompt) but keep trailing spaces (task 4's, as the
 build trees from a `Node` class that the solution itself defines, which is why tests run after
 the completion), then the asserts. `challenge_test_list` (11 rows) is left out, as everywhere.
 
+`sft_conversations` turns a split into supervised fine-tuning data (`data.train: mbpp` in an SFT
+config): the user turn is the zero-shot prompt, built by `load_mbpp` itself so it cannot drift
+from what the eval sends, and the assistant turn is the LF reference. "[DONE]" is not trained:
+a chat model ends its answer with its template's end-of-turn token, where chat-mode eval stops.
+
 This module also holds the row-reading helpers the other hub-backed tasks share: `hub_rows`,
 `file_rows`, `field`.
 """
@@ -40,7 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.chat_rows import iter_rows
+from lmforge.data.chat_rows import Conversation, iter_rows
 from lmforge.errors import UserError
 from lmforge.io import check_local_or_hub
 from lmforge.tasks.base import CodeItem
@@ -274,3 +279,20 @@ def load_mbpp(
     pool = by_split.get("prompt", [])
     return [_item(p, _shots(pool, n_shot, p["task_id"]) if n_shot else "", split)
             for p in problems]
+
+
+def sft_conversations(
+    source: str | Path | None = None, *, split: str = "train", limit: int | None = None
+) -> list[Conversation]:
+    """One (user, assistant) conversation per item of `split`: the prompt `lmforge eval --task
+    mbpp` sends with `n_shot: 0`, then the reference program."""
+    items = load_mbpp(source, split=split, n_shot=0, limit=limit)
+    out = []
+    for it in items:
+        where = str(it.meta["where"])
+        # An empty answer would train on nothing but the end-of-turn token.
+        if not it.reference.strip():
+            raise UserError(f"{where}: field 'code' is empty")
+        out.append(Conversation(({"role": "user", "content": it.prompt},
+                                 {"role": "assistant", "content": it.reference}), where))
+    return out

@@ -8,11 +8,13 @@ import math
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.chat import BUILTINS
+from lmforge.errors import UserError
 from tests.conftest import ROOT, run_cli
 
 
@@ -145,3 +147,69 @@ def test_generate_chat_uses_the_saved_template_like_the_eval(tiny_run: Path) -> 
     assert r.returncode == 0, r.stderr
     r = run_cli("generate", str(tiny_run / "pretrain" / "final"), "--chat", "--prompt", "x")
     assert r.returncode == 2 and "needs a chat template" in r.stderr
+
+
+MBPP_FILE = ROOT.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
+
+
+def _mbpp_row(task_id: int) -> dict:
+    return {"task_id": task_id, "text": f"Write a function f{task_id} that adds {task_id}.",
+            "code": f"def f{task_id}(x):\r\n    return x + {task_id}", "test_setup_code": "",
+            "test_list": [f"assert f{task_id}(1) == {task_id + 1}"], "challenge_test_list": []}
+
+
+def test_mbpp_train_items_as_sft_data_end_to_end(tiny_run: Path, tmp_path: Path) -> None:
+    f = tmp_path / "mbpp.jsonl"  # validation 511-512, train 601-604
+    f.write_text("".join(json.dumps(_mbpp_row(i)) + "\n" for i in (511, 512, 601, 602, 603, 604)))
+    r = sft(tmp_path, f"model.path={tiny_run / 'pretrain'}", f"data.train=mbpp:{f}",
+            f"data.val=mbpp:{f}", "data.max_length=256", "train.max_steps=2", "run.dir=out",
+            "log.progress=off")
+    assert r.returncode == 0, r.stderr[-1500:]
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["steps"] == 2 and s["data"]["train"]["examples"] == 4
+    assert s["data"]["rows"] == {"source": f"mbpp:{f}", "split": "train", "rows": 4, "kept": 4}
+    assert s["data"]["val_rows"] == {"source": f"mbpp:{f}", "split": "validation", "kept": 2}
+
+
+def _mbpp_data(**data: object) -> tuple[list, list, dict]:
+    from lmforge.config import ChatDataCfg, SftCfg
+    from lmforge.stages.sft import load_data
+
+    return load_data(SftCfg(data=ChatDataCfg(**data)))
+
+
+def test_mbpp_sources_that_cannot_be_read_are_one_line_errors(tmp_path: Path) -> None:
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps(GOOD) + "\n")
+    mbpp = tmp_path / "mbpp.jsonl"
+    mbpp.write_text(json.dumps(_mbpp_row(601)) + "\n")
+    cases = [
+        ({"train": "mbpp:missing/mbpp.jsonl"},
+         "data.train=mbpp:missing/mbpp.jsonl: dataset path not found: missing/mbpp.jsonl"),
+        ({"train": f"mbpp:{chat}"}, f"data.train=mbpp:{chat}: {chat}:1: missing field 'task_id'"),
+        ({"train": "mbpp:"}, "data.train='mbpp:': give the MBPP file, directory or hub id"),
+        ({"train": f"mbpp:{mbpp}", "split": "dev"}, "data.split='dev' is not an MBPP split"),
+        ({"train": f"mbpp:{mbpp}", "val": f"mbpp:{mbpp}"},
+         f"data.val=mbpp:{mbpp}: {mbpp}: no MBPP rows in split 'validation'"),
+        ({"train": f"mbpp:{mbpp}", "split": "validation", "val": "mbpp"},
+         "data.val: MBPP validation items are already the training data"),
+    ]
+    for data, message in cases:
+        with pytest.raises(UserError) as e:
+            _mbpp_data(**data)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.skipif(not MBPP_FILE.is_file(), reason="shared/data/mbpp is absent")
+def test_mbpp_train_split_is_the_zero_shot_eval_prompts_and_references() -> None:
+    from lmforge.config import EvalCfg
+    from lmforge.stages.eval import load_items
+
+    train, val, stats = _mbpp_data(train=f"mbpp:{MBPP_FILE}", val_fraction=0)
+    assert len(train) == 374 and val == []
+    assert stats["rows"] == {"source": f"mbpp:{MBPP_FILE}", "split": "train", "rows": 374, "kept": 374}
+    items = load_items("mbpp", EvalCfg(sources={"mbpp": str(MBPP_FILE)}, split="train", n_shot=0))
+    assert [it.meta["task_id"] for it in items] == list(range(601, 975))
+    assert train[0] == [{"role": "user", "content": items[0].prompt},
+                        {"role": "assistant", "content": items[0].reference}]
+    assert all([m["content"] for m in c] == [it.prompt, it.reference] for c, it in zip(train, items))

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from lmforge.errors import UserError
-from lmforge.tasks.mbpp import entry_point, load_mbpp
+from lmforge.tasks.mbpp import entry_point, load_mbpp, sft_conversations
 
 HUB = "google-research-datasets/mbpp"
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "mbpp"
@@ -221,3 +221,44 @@ def test_real_sanitized_split_sizes() -> None:
     assert sizes == {"prompt": 7, "test": 257, "validation": 43, "train": 120}
     item = next(it for it in load_mbpp(DATA, sanitized=True) if it.task_id == "mbpp/82")
     assert item.tests.startswith("import math\nassert ")
+
+
+def test_sft_conversation_is_what_the_chat_eval_sends_then_the_reference(
+        mbpp_file: Path, chat_tok: Any) -> None:
+    """Trained on these tokens, a model sees exactly the eval's zero-shot chat prompt as its
+    context and learns to end the reference with the end-of-turn token the eval stops at."""
+    from lmforge.chat import install_format, render, resolve_format
+    from lmforge.config import EvalCfg
+    from lmforge.data.chat_rows import Conversation
+    from lmforge.eval.harness import Generator
+    from lmforge.stages.eval import load_items
+    from tests.conftest import micro_llama
+
+    item = load_items("mbpp", EvalCfg(sources={"mbpp": str(mbpp_file)}, split="train", n_shot=0))[0]
+    convs = sft_conversations(mbpp_file)
+    assert convs == [Conversation(({"role": "user", "content": item.prompt},
+                                   {"role": "assistant", "content": "def f601(x):\n  return x + 601"}),
+                                  f"{mbpp_file}:9")]
+    assert [c.source for c in sft_conversations(mbpp_file, split="validation")] == [f"{mbpp_file}:8"]
+    install_format(chat_tok, resolve_format(chat_tok, "lmforge"))
+    gen = Generator(micro_llama(vocab=len(chat_tok)), chat_tok)
+    sent = gen.prompt_ids(item.prompt, item.head)
+    r = render(chat_tok, [list(convs[0].messages)])[0]
+    assert gen.chat and r.ids[:len(sent)] == sent and not any(r.loss_mask[:len(sent)])
+    n = sum(r.loss_mask)
+    assert r.loss_mask[len(sent):len(sent) + n] == [1] * n  # the answer follows the prompt
+    answer = r.ids[len(sent):len(sent) + n]
+    assert chat_tok.decode(answer[:-1]) == item.reference
+    assert chat_tok.convert_ids_to_tokens(answer[-1]) == "<|end|>" and answer[-1] in gen.stop_ids
+
+
+def test_sft_conversations_refuse_what_cannot_be_trained(tmp_path: Path) -> None:
+    empty = _write_jsonl(tmp_path / "mbpp.jsonl", [_row(601), _row(602, code=" \r\n")])
+    with pytest.raises(UserError) as e:
+        sft_conversations(empty)
+    assert str(e.value) == f"{empty}:2: field 'code' is empty"
+    chat = _write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "hi", "completion": "there"}])
+    with pytest.raises(UserError, match=re.escape(f"{chat}:1: missing field 'task_id'")):
+        sft_conversations(chat)
+    assert len(sft_conversations(_write_jsonl(tmp_path / "t.jsonl", [_row(601), _row(602)]),
+                                 limit=1)) == 1
