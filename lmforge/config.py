@@ -370,7 +370,11 @@ class RefCfg(Cfg):
     cache_dir: Path | None = None  # None: <run.dir>/ref_cache
 
 
-PAIRED_LOSSES = ("sigmoid", "ipo", "cdpo", "robust", "hinge", "simpo", "orpo")
+class PrefEvalCfg(TaskEvalCfg):
+    """Held-out pass@1 after preference training; the starting policy's (`before`) is usually
+    the SFT stage's `after`, already measured on the same problems."""
+
+    before: bool = False
 
 
 class DpoCfg(TrainingCfg):
@@ -383,12 +387,30 @@ class DpoCfg(TrainingCfg):
     # (label_smoothing); hinge: SLiC; simpo and orpo: reference-free
     loss: Literal["sigmoid", "ipo", "cdpo", "robust", "hinge", "simpo", "orpo"] = "sigmoid"
     beta: float = Field(0.1, gt=0)  # KL strength (DPO family); SimPO's reward scale
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cdpo / robust: assumed label-flip rate
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, validate_default=True)  # cdpo / robust: assumed label-flip rate
     simpo_gamma: float = Field(0.5, ge=0)  # SimPO's target reward margin
     orpo_lambda: float = Field(0.1, gt=0)  # ORPO: weight of the odds-ratio term next to NLL
     rpo_alpha: float = Field(0.0, ge=0)  # RPO: + alpha * NLL of the chosen completions
     task: SyntheticTaskCfg = SyntheticTaskCfg()
-    eval: TaskEvalCfg = TaskEvalCfg(before=False)  # held-out pass@1 of the trained policy
+    eval: PrefEvalCfg = PrefEvalCfg()  # held-out pass@1 of the trained policy
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _smoothing(cls, v: float, info: ValidationInfo) -> float:
+        loss = info.data.get("loss")
+        if loss in ("cdpo", "robust") and v == 0:
+            raise ValueError(f"loss={loss} models label noise: set it > 0 (e.g. 0.1), or use "
+                             "loss=sigmoid")
+        if loss not in ("cdpo", "robust", None) and v:
+            raise ValueError(f"only loss=cdpo or robust reads it, not loss={loss}")
+        return v
+
+    @field_validator("rpo_alpha")
+    @classmethod
+    def _rpo(cls, v: float, info: ValidationInfo) -> float:
+        if v and info.data.get("loss") == "orpo":
+            raise ValueError("orpo has its own NLL term (orpo_lambda weighs the other); set 0")
+        return v
 
 
 class KtoCfg(TrainingCfg):
@@ -401,7 +423,7 @@ class KtoCfg(TrainingCfg):
     desirable_weight: float = Field(1.0, gt=0)  # lambda_D; raise it when desirable rows are rare
     undesirable_weight: float = Field(1.0, gt=0)  # lambda_U
     task: SyntheticTaskCfg = SyntheticTaskCfg()
-    eval: TaskEvalCfg = TaskEvalCfg(before=False)
+    eval: PrefEvalCfg = PrefEvalCfg()
 
 
 class RmCfg(TrainingCfg):

@@ -109,6 +109,23 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability to 0 (GPT-2 ships 0.1); returns how many were on.
+    Losses that compare the policy with a reference (DPO, KTO, a reward margin) would
+    otherwise see dropout noise as a difference between the two."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            m.p, n = 0.0, n + 1
+        if isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0:
+            m.attention_dropout, n = 0.0, n + 1  # llama-style attention keeps a float, no module
+    for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout",
+                "dropout"):
+        if isinstance(getattr(model.config, key, None), float):  # functional dropout reads these
+            setattr(model.config, key, 0.0)
+    return n
+
+
 def resolve_model_dir(path: str | Path) -> str:
     """A model dir, or a stage dir whose `final/` holds one (so pipelines can say `uses`)."""
     p = Path(path)

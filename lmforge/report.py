@@ -145,6 +145,63 @@ def sft_lines(name: str, s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def pairs_lines(name: str, s: dict[str, Any]) -> list[str]:
+    """How the preference pairs were made: samples, their pass rate, where chosen came from."""
+    return [
+        f"### {name}",
+        f"- {_fmt(s.get('samples'))} answers to {_fmt(s.get('problems'))} {s.get('task')} "
+        f"problems, each judged by {s.get('judge', 'execution')}: pass rate "
+        f"**{_fmt(s.get('pass_rate'), '.1%')}**; {_fmt(s.get('problems_all_pass'))} problems "
+        f"all pass (no pair), {_fmt(s.get('problems_none_pass'))} none pass",
+        f"- **{_fmt(s.get('pairs'))} pairs**, {_fmt(s.get('pairs_from_reference'))} of them with "
+        "the reference solution as chosen; generation "
+        f"{_fmt(s.get('generation_s'), '.0f')}s, sandbox {_fmt(s.get('sandbox_s'), '.0f')}s",
+    ]
+
+
+PREF_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected",
+             "logps/chosen", "logps/rejected", "kl/implicit", "kl")
+
+
+def preference_lines(name: str, s: dict[str, Any]) -> list[str]:
+    """A DPO/KTO stage: what it optimised, first vs last step, held-out preference metrics."""
+    first, last, val = s.get("first_step", {}), s.get("last", {}), s.get("final_val", {})
+    loss = s.get("loss", "kto")
+    lines = [
+        f"### {name}",
+        f"- {s.get('method')} {loss} (beta {s.get('beta')}) from `{s.get('reference') or 'no reference'}`; "
+        f"{_fmt(s.get('steps'))} steps ({s.get('stopped')}, {_fmt(s.get('epochs'), '.2f')} epochs) "
+        f"in {_fmt(s.get('train_time_s'), '.0f')}s",
+        f"- held-out pairs: loss {_fmt(val.get('val_loss'))}, reward accuracy "
+        f"{_fmt(val.get('val_rewards_accuracy'), '.1%')}, margin {_fmt(val.get('val_rewards_margin'), '.3f')}",
+        *run_lines(s), "",
+        "| per step | first | last |", "|---|---:|---:|",
+    ]
+    lines += [f"| {k} | {_fmt(first.get(k))} | {_fmt(last.get(k))} |" for k in PREF_KEYS
+              if k in first or k in last]
+    lines += ["", "Both log-probs falling together while the margin grows is the known DPO "
+              "failure mode (the chosen answer gets less likely too); compare the rows above."]
+    return lines
+
+
+def compare_pass_lines(summaries: dict[str, dict[str, Any]], stage_of: dict[str, str]) -> list[str]:
+    """Held-out greedy pass@1 of every stage that measured it, side by side (same problems)."""
+    rows = [(n, s["after"]["pass_at_1"]) for n, s in summaries.items()
+            if stage_of[n] in ("sft", "dpo", "kto") and (s.get("after") or {}).get("pass_at_1")]
+    if len(rows) < 2:
+        return []
+    groups = list(rows[0][1]["n_per_group"])
+    total = sum(rows[0][1]["n_per_group"].values())
+    lines = [f"Greedy pass@1 on the same {total} held-out problems:", "",
+             "| model | " + " | ".join(groups) + " | all |", "|---|" + "---:|" * (len(groups) + 1)]
+    for n, pa in rows:
+        n_g = pa["n_per_group"]
+        overall = sum(pa[g] * n_g[g] for g in groups) / max(sum(n_g.values()), 1)
+        lines.append(f"| {n} | " + " | ".join(_fmt(pa.get(g), ".1%") for g in groups)
+                     + f" | **{overall:.1%}** |")
+    return lines
+
+
 def eval_lines(name: str, s: dict[str, Any]) -> list[str]:
     """One table per eval stage: a row per task with its pass@k (or other) numbers."""
     st = s.get("settings", {})
@@ -209,7 +266,9 @@ def write_report(root: Path, cfg: PipelineCfg, summaries: dict[str, dict[str, An
              f"{dt.datetime.now().isoformat(timespec='seconds')}; this invocation took "
              f"{wall_s:.1f}s (stages finished earlier were skipped and show their own times).", "",
              "## Stages", "", *stage_table(summaries, stage_of), ""]
-    trained = [n for n in summaries if (root / n / "metrics.jsonl").exists()]
+    # preference losses are nats per pair, not per token: they would share no axis with the rest
+    trained = [n for n in summaries if (root / n / "metrics.jsonl").exists()
+               and stage_of[n] not in ("dpo", "kto", "rm")]
     if trained and plot_losses(root, trained, root / "loss.png"):
         lines += ["## Loss", "", "![loss curves](loss.png)", ""]
     for name, s in summaries.items():
@@ -219,6 +278,11 @@ def write_report(root: Path, cfg: PipelineCfg, summaries: dict[str, dict[str, An
             lines += ["## Pretraining", "", *pretrain_lines(name, s), ""]
         if stage_of[name] == "sft":
             lines += ["## Supervised fine-tuning", "", *sft_lines(name, s), ""]
+        if stage_of[name] == "pairs":
+            lines += ["## Preference pairs", "", *pairs_lines(name, s), ""]
+        if stage_of[name] in ("dpo", "kto"):
+            lines += ["## Preference optimisation", "", *preference_lines(name, s), ""]
+            lines += [*compare_pass_lines(summaries, stage_of), ""]
         if stage_of[name] == "eval":
             lines += ["## Evaluation", "", *eval_lines(name, s), ""]
     # raw-text continuations show what pretraining learned; chat models speak through templates

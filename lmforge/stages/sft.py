@@ -22,7 +22,7 @@ from lmforge.chat import (
     resolve_format,
     stop_token_ids,
 )
-from lmforge.config import SftCfg
+from lmforge.config import DpoCfg, KtoCfg, SftCfg
 from lmforge.data.chat_rows import Conversation, load_conversations
 from lmforge.data.sft import SftBatches, fit_length, lm_logits
 from lmforge.errors import UserError
@@ -171,7 +171,7 @@ def build_batches(convs: list[list[dict[str, str]]], tokenizer: PreTrainedTokeni
 def preview(cfg: SftCfg, n: int) -> None:
     """Print `n` rendered training examples; [[...]] marks the tokens the loss sees."""
     tokenizer, fmt, _ = load_tokenizer_and_format(cfg)
-    convs, _, _ = load_data(cfg, _task_splits(cfg))
+    convs, _, _ = load_data(cfg, task_splits(cfg))
     print(f"template: {fmt.name}; loss on {'every token' if cfg.data.train_on_prompt else '[[assistant]] tokens'}")
     for i, r in enumerate(render(tokenizer, convs[:n], cfg.data.train_on_prompt)):
         print(f"----- example {i} ({len(r.ids)} tokens, {sum(r.loss_mask)} in the loss)")
@@ -273,7 +273,7 @@ def main(cfg: SftCfg) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     tokenizer, fmt, added = load_tokenizer_and_format(cfg)
-    splits = _task_splits(cfg)
+    splits = task_splits(cfg)
     train_c, val_c, data_stats = load_data(cfg, splits)
     if not val_c:
         raise UserError("sft: the validation split is empty; raise data.val_fraction or set data.val")
@@ -300,7 +300,7 @@ def main(cfg: SftCfg) -> dict[str, Any]:
 
     before: dict[str, Any] = general_ppl(model)
     if splits is not None and cfg.eval.task == SYNTHETIC and cfg.eval.before:
-        before["pass_at_1"] = _pass_at_1(model, tokenizer, fmt, splits, cfg, precision, "before",
+        before["pass_at_1"] = pass_at_1(model, tokenizer, fmt, splits, cfg, precision, "before",
                                          cfg.eval.before_n)
 
     task = sft_task(model, train_b, val_b, cfg, device, general, tokenizer.pad_token_id, anchor)
@@ -314,7 +314,7 @@ def main(cfg: SftCfg) -> dict[str, Any]:
     final_tok = load_tokenizer(res.final_dir)
     after: dict[str, Any] = general_ppl(final_model)
     if splits is not None and cfg.eval.task == SYNTHETIC:
-        after["pass_at_1"] = _pass_at_1(final_model, final_tok, fmt, splits, cfg, precision, "after")
+        after["pass_at_1"] = pass_at_1(final_model, final_tok, fmt, splits, cfg, precision, "after")
     return {
         **info,
         "method": cfg.lora.method,
@@ -332,7 +332,7 @@ def main(cfg: SftCfg) -> dict[str, Any]:
     }
 
 
-def _task_splits(cfg: SftCfg) -> Any:
+def task_splits(cfg: SftCfg | DpoCfg | KtoCfg) -> Any:
     """The synthetic task's splits when it is trained on or evaluated (built once: ~3 s)."""
     if cfg.eval.task != SYNTHETIC and cfg.data.train != SYNTHETIC:
         return None
@@ -342,8 +342,8 @@ def _task_splits(cfg: SftCfg) -> Any:
     return make_splits(t.seed, t.n_train, t.n_eval)
 
 
-def _pass_at_1(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat,
-               splits: Any, cfg: SftCfg, precision: Any, when: str,
+def pass_at_1(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat,
+               splits: Any, cfg: SftCfg | DpoCfg | KtoCfg, precision: Any, when: str,
                limit: int | None = None) -> dict[str, Any]:
     from lmforge.eval.codegen import eval_splits
 
@@ -354,5 +354,5 @@ def _pass_at_1(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: 
     for r in rows:
         append_jsonl(path, r)
     groups = ", ".join(f"{k} {summary[k]:.1%}" for k in summary["n_per_group"])
-    print(f"sft: pass@1 {when}: {groups} ({summary['seconds']:.0f}s)")
+    print(f"{cfg.run.dir.name}: pass@1 {when}: {groups} ({summary['seconds']:.0f}s)")
     return summary
