@@ -127,7 +127,8 @@ def setup_reference(cfg: PrefCfg, model: PreTrainedModel, tokenizer: PreTrainedT
     micro = cfg.train.micro_batch_size
     datasets = {split: (b.eval_batches(micro), len(ex), data_digest(_seqs(ex)))
                 for split, (b, ex) in data.items()}
-    key = {"template": str(tokenizer.chat_template), "precision": precision.name}
+    key = {"template": str(tokenizer.chat_template), "precision": precision.name,
+           "seed": str(cfg.train.seed) if layout == "halves" else ""}  # KL partners are seeded
     tables = cached_tables(source, datasets, layout, cfg.ref.cache_dir or cfg.run.dir / "ref_cache",
                            key, device, precision.autocast, print)
     what = f"ref.model {cfg.ref.model}" if explicit is not None else "the starting policy"

@@ -74,10 +74,13 @@ class Pair:
 
 def outcomes(samples: Sequence[Sample]) -> tuple[list[str], list[str]]:
     """(passing texts, failing texts), distinct, in first-seen order. A text whose copies
-    ended differently (a timeout under load) is neither: it is not trusted either way."""
+    ended differently (a timeout under load) is neither: it is not trusted either way. A blank
+    answer (the model ended its turn at once) is neither too: it fails, but as a completion it
+    is only the end-of-turn token, and preference data refuses empty answers."""
     seen: dict[str, set[bool]] = {}
     for s in samples:
-        seen.setdefault(s.text, set()).add(s.passed)
+        if s.text.strip():
+            seen.setdefault(s.text, set()).add(s.passed)
     return ([t for t, v in seen.items() if v == {True}],
             [t for t, v in seen.items() if v == {False}])
 
@@ -261,6 +264,7 @@ def count(samples: Sequence[Sequence[Sample]], pairs: Sequence[Pair]) -> dict[st
         "pairs": len(pairs),
         "pairs_from_reference": sum(p.chosen_from == "reference" for p in pairs),
         "distinct_answers": sum(len({s.text for s in ss}) for ss in samples),
+        "blank_answers": sum(not s.text.strip() for ss in samples for s in ss),
     }
 
 
