@@ -169,7 +169,7 @@ def save_hf(model: PreTrainedModel, out: Path,
     """Write an HF directory atomically (temp dir, then rename): safetensors + portable config."""
     with atomic_dir(out) as tmp:
         _write_hf(model, tmp, tokenizer)
-        _record_written(tmp, kind)
+        record_written(tmp, kind)
 
 
 def _write_hf(model: PreTrainedModel, d: Path, tokenizer: PreTrainedTokenizerBase | None) -> None:
@@ -185,7 +185,7 @@ def _write_hf(model: PreTrainedModel, d: Path, tokenizer: PreTrainedTokenizerBas
 WRITTEN = ".lmforge-files.json"
 
 
-def _record_written(d: Path, kind: str = "model") -> None:
+def record_written(d: Path, kind: str = "model") -> None:
     """`kind` says what wrote it: "merge" outputs are the only ones `lmforge merge` replaces
     without --force (a stage's final/ or best/ is a trained model, never scratch space)."""
     files = {}
@@ -422,7 +422,7 @@ def export_peft(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase,
         merged = _attach_adapter(base_model, tmp / "adapter", base).merge_and_unload()
         merged.generation_config = model.generation_config
         _write_hf(merged, tmp, tokenizer)
-        _record_written(tmp)
+        record_written(tmp)
 
 
 def _record_base(adapter_dir: Path, base: str) -> None:

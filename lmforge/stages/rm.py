@@ -40,12 +40,12 @@ from lmforge.io import atomic_write_json, check_local_or_hub
 from lmforge.losses.preference import bt_loss
 from lmforge.models import (
     WRITTEN,
-    _record_written,  # final/ gains reward_length.json after export: its file list must say so
     add_rows_for_new_tokens,
     check_targets,
     config_summary,
     disable_dropout,
     enable_checkpointing,
+    record_written,
     resolve_model_dir,
     save_hf,
 )
@@ -329,7 +329,7 @@ def measure_final(cfg: RmCfg, final: Path, train_b: RewardBatches, val_b: Reward
     fit = {"slope": slope, "intercept": intercept, "unit": "completion token"}
     atomic_write_json(final / LENGTH_FILE, fit)
     (final / WRITTEN).unlink(missing_ok=True)  # the list is rebuilt with the new file in it
-    _record_written(final)
+    record_written(final)
     corrected = length_bias(val_r - slope * val_len, val_len)
     heldout["accuracy_corrected"] = corrected["accuracy"]
     heldout["length_corr_corrected"] = corrected["length_corr"]
