@@ -274,6 +274,7 @@ class TaskEvalCfg(Cfg):
     # problems per group for the base model: one that cannot answer yet shows ~0% on a few
     # as clearly as on all, and its answers run to the length cap, so each one is costly
     before_n: int | None = Field(40, ge=1)
+    after_n: int | None = Field(None, ge=1)  # problems per group after training; None: all
     signature_prefill: bool = True  # the answer starts at `def name(arg):` (HumanEval-style)
 
 

@@ -191,6 +191,9 @@ def compare_pass_lines(summaries: dict[str, dict[str, Any]], stage_of: dict[str,
     if len(rows) < 2:
         return []
     groups = list(rows[0][1]["n_per_group"])
+    if any(pa["n_per_group"] != rows[0][1]["n_per_group"] for _, pa in rows):
+        return ["(pass@1 of these stages was measured on different held-out problems: "
+                "set the same eval.after_n to compare them)"]
     total = sum(rows[0][1]["n_per_group"].values())
     lines = [f"Greedy pass@1 on the same {total} held-out problems:", "",
              "| model | " + " | ".join(groups) + " | all |", "|---|" + "---:|" * (len(groups) + 1)]

@@ -239,8 +239,9 @@ def _final_val(cfg: PrefCfg, res: Result) -> dict[str, float]:
 
 
 def _rounded(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: round(v, 5) if isinstance(v, float) and math.isfinite(v) else v for k, v in row.items()
-            if k not in ("step_s", "step_tokens")}
+    # six significant digits: a learning rate of 3e-6 must not read as 0
+    return {k: float(f"{v:.6g}") if isinstance(v, float) and math.isfinite(v) else v
+            for k, v in row.items() if k not in ("step_s", "step_tokens")}
 
 
 def heldout_pass_at_1(cfg: PrefCfg, fmt: ChatFormat, precision: Precision, res: Result,
@@ -254,11 +255,11 @@ def heldout_pass_at_1(cfg: PrefCfg, fmt: ChatFormat, precision: Precision, res: 
     if cfg.eval.before:
         start = load_model(resolve_model_dir(cfg.model.path)).to(device)  # type: ignore[arg-type]
         out["before"] = {"pass_at_1": pass_at_1(start, load_tokenizer(resolve_model_dir(cfg.model.path)),  # type: ignore[arg-type]
-                                                fmt, splits, cfg, precision, "before")}
+                                                fmt, splits, cfg, precision, "before", cfg.eval.after_n)}
         del start
     final = load_model(res.final_dir).to(device)
     out["after"] = {"pass_at_1": pass_at_1(final, load_tokenizer(res.final_dir), fmt, splits, cfg,
-                                           precision, "after")}
+                                           precision, "after", cfg.eval.after_n)}
     return out
 
 

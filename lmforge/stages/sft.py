@@ -314,7 +314,8 @@ def main(cfg: SftCfg) -> dict[str, Any]:
     final_tok = load_tokenizer(res.final_dir)
     after: dict[str, Any] = general_ppl(final_model)
     if splits is not None and cfg.eval.task == SYNTHETIC:
-        after["pass_at_1"] = pass_at_1(final_model, final_tok, fmt, splits, cfg, precision, "after")
+        after["pass_at_1"] = pass_at_1(final_model, final_tok, fmt, splits, cfg, precision, "after",
+                                       cfg.eval.after_n)
     return {
         **info,
         "method": cfg.lora.method,
