@@ -73,7 +73,7 @@ def ref_val_logps(run: Path) -> tuple[float, float] | None:
     """Mean reference log-prob of the held-out chosen and rejected answers (from the cache)."""
     from safetensors.torch import load_file
 
-    files = sorted((run / "ref_cache").glob("ref-val-*.safetensors"))
+    files = sorted((run / "ref_cache").glob("ref-val-*.safetensors"))  # one per data/precision
     if not files:
         return None
     t = load_file(str(files[0]))["logps"]
@@ -113,11 +113,12 @@ def main() -> None:
         cfg = load_config(DpoCfg, a.config, [f"model.path={a.sft}", f"data.train={a.pairs}",
                                              f"run.dir={run}", f"train.max_steps={a.steps}",
                                              "train.time_budget_s=null", "eval.task=null",
+                                             f"ref.cache_dir={out / 'ref_cache'}",  # computed once
                                              "log.progress=off", *over])
         s = run_stage("dpo", cfg)
         pol = load_model(s["final_dir"]).eval()
         kl, length = sampled_kl(pol, ref, tok, prompts, 96)
-        rv, val = ref_val_logps(run), s.get("final_val", {})
+        rv, val = ref_val_logps(out), s.get("final_val", {})
         rows.append({"run": name, "kl": kl, "len": length, "ppl": ppl(pol),
                      "pass": heldout(pol), "acc": val.get("val_rewards_accuracy"),
                      "dc": val.get("val_logps_chosen", math.nan) - rv[0] if rv else math.nan,
@@ -127,13 +128,15 @@ def main() -> None:
           "held-out problems per group; KL sampled at temperature 1 on "
           f"{len(prompts)} held-out prompts\n")
     print("| run | KL(pi||ref) nats/answer | d logp chosen | d logp rejected | val pref acc | "
-          + " | ".join(groups) + " | general ppl |")
-    print("|---|---:|---:|---:|---:|" + "---:|" * len(groups) + "---:|")
+          + " | ".join(groups) + " | all | general ppl |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(groups) + "---:|---:|")
     for r in rows:
         p = r["pass"]
         acc = "-" if r["acc"] is None else f"{r['acc']:.0%}"
         print(f"| {r['run']} | {r['kl']:.2f} | {r['dc']:+.1f} | {r['dr']:+.1f} | {acc} | "
-              + " | ".join(f"{p.get(g, math.nan):.1%}" for g in groups) + f" | {r['ppl']:.1f} |")
+              + " | ".join(f"{p.get(g, math.nan):.1%}" for g in groups)
+              + f" | {sum(p[g] * p['n_per_group'][g] for g in groups) / sum(p['n_per_group'].values()):.1%}"
+              + f" | {r['ppl']:.1f} |")
 
 
 if __name__ == "__main__":
