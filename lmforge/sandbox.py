@@ -11,16 +11,21 @@ concurrent slot, so RLIMIT_NPROC binds and one run's fork bomb cannot starve ano
 
 Each `Result` records the isolation reached: `strong` when the network, filesystem and PID
 layers all held, else `weak` with the layers that did. A pass means the program ran to its
-end: the boot process prints a per-run nonce after the program returns, which the program's
-source never contains, so `sys.exit(0)` or `os._exit(0)` before the asserts is not a pass.
+end: the boot process says so on its report pipe, which the program's processes cannot write
+or read, and only once the program's process has revealed a token it drew before the program
+started and that no program code can reach (sandbox_boot's docstring has the argument and the
+gap that remains). So `sys.exit(0)` or `os._exit(0)` before the asserts is not a pass, and
+nothing the program prints is one. Without namespaces and without root (a weak level), the
+program runs as the caller's user with the caller's files writable: there a pass is only as
+trustworthy as the program's restraint.
 """
 
 from __future__ import annotations
 
-import json
+import io
+import marshal
 import os
 import queue
-import secrets
 import shutil
 import signal
 import subprocess
@@ -98,9 +103,12 @@ class Result:
 
 @cache
 def _interpreter_dirs() -> list[str]:
-    """Directories the program's imports read from: the standard library and its extensions."""
+    """Directories the program's interpreter reads from: its binary, its shared library (the
+    program runs in a freshly started interpreter), the standard library and its extensions."""
     dirs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
     dirs.add(os.path.dirname(os.path.realpath(sys.executable)))
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        dirs.add(str(sysconfig.get_config_var("LIBDIR")))
     return sorted(d for d in dirs if os.path.isdir(d))
 
 
@@ -115,7 +123,7 @@ def _tail(data: bytes, limit: int) -> str:
 
 
 def _read_capped(f: Any, limit: int) -> bytes:
-    """The last `limit` bytes of an output file (the nonce and tracebacks are at the end)."""
+    """The last `limit` bytes of an output file (tracebacks are at the end)."""
     size = f.seek(0, os.SEEK_END)
     f.seek(max(0, size - limit))
     return f.read()  # type: ignore[no-any-return]
@@ -130,15 +138,31 @@ def _kill(pgid: int, child: int | None) -> None:
                 pass
 
 
+def _real_uid(pid: str) -> int | None:
+    """A process's real uid, from its status: every sandbox process is not dumpable, and the
+    kernel then shows /proc/<pid> as root's."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _reap_uid(uid: int) -> None:
-    """Weak mode's stand-in for a PID namespace: kill whatever still runs as the run's uid."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
+    """Weak mode's stand-in for a PID namespace: kill whatever still runs as the run's uid
+    (again while a pass finds some: one may have forked during the last)."""
+    for _ in range(3):
+        pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and _real_uid(e) == uid]
+        for pid in pids:
             try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    os.kill(int(entry), signal.SIGKILL)
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
+        if not pids:
+            return
 
 
 def _signal_name(sig: int) -> str:
@@ -148,9 +172,9 @@ def _signal_name(sig: int) -> str:
         return f"signal {sig}"
 
 
-def _classify(rc: int | None, wait_status: int | None, out: bytes, nonce: str,
-              err: str) -> tuple[Status, str]:
+def _classify(rc: int | None, done: dict[str, Any]) -> tuple[Status, str]:
     """Map how the run ended to a status and a reason (exit codes: see sandbox_boot)."""
+    wait_status = done.get("wait_status")
     if rc is None:
         return "timeout", "wall-clock timeout"
     if wait_status is None:
@@ -160,8 +184,8 @@ def _classify(rc: int | None, wait_status: int | None, out: bytes, nonce: str,
     else:
         code = os.WEXITSTATUS(wait_status)
     if code == 0:
-        ok = out.rstrip(b"\n").endswith(nonce.encode())
-        return ("passed", "") if ok else ("failed", "exited before its end")
+        ran = done.get("ran_to_end") is True
+        return ("passed", "") if ran else ("failed", "exited before its end")
     if code > 128:
         name = _signal_name(code - 128)
         if name == "SIGXCPU":
@@ -219,7 +243,6 @@ def _run_in_slot(code: str, limits: Limits, batch: _Batch | None) -> Result:
 
 def _run(code: str, limits: Limits, slot: int, batch: _Batch | None = None) -> Result:
     uid = _UID_BASE + slot if os.geteuid() == 0 else None
-    nonce = secrets.token_hex(16)
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     workdir = tempfile.mkdtemp(prefix="lmforge-sandbox-")
@@ -237,7 +260,7 @@ def _run(code: str, limits: Limits, slot: int, batch: _Batch | None = None) -> R
                    "report_fd": report_w, "namespaces": limits.namespaces,
                    "interpreter_dirs": _interpreter_dirs()}
             try:
-                proc = subprocess.Popen([sys.executable, "-I", "-S", _BOOT, json.dumps(cfg)],
+                proc = subprocess.Popen([sys.executable, "-I", "-S", _BOOT],
                                         stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir,
                                         env=env, start_new_session=True, pass_fds=(report_w,))
             except BaseException:
@@ -249,7 +272,8 @@ def _run(code: str, limits: Limits, slot: int, batch: _Batch | None = None) -> R
                 if batch is not None and not batch.add(proc.pid):
                     _kill(proc.pid, None)  # the batch is stopping: this one must not run
                 try:
-                    rc, info, done = _supervise(proc, report_r, code, nonce, limits.timeout_s)
+                    rc, info, done = _supervise(proc, report_r, marshal.dumps(
+                        {"cfg": cfg, "code": code}), limits.timeout_s)
                 finally:
                     if batch is not None:
                         batch.discard(proc.pid)
@@ -261,18 +285,29 @@ def _run(code: str, limits: Limits, slot: int, batch: _Batch | None = None) -> R
             _reap_uid(uid)
         shutil.rmtree(workdir, ignore_errors=True)
     err_text = _tail(stderr, limits.output_bytes)
-    status, reason = _classify(rc, done.get("wait_status"), stdout, nonce, err_text)
+    status, reason = _classify(rc, done)
     layers = info.get("layers", {"unprivileged": False})
     level = "strong" if all(layers.get(k) for k in _STRONG) and layers.get("unprivileged") else "weak"
-    shown = stdout.replace(nonce.encode(), b"")
     return Result(status=status, stderr=err_text, duration_s=round(duration, 4),
                   isolation=Isolation(level, layers, tuple(info.get("notes", ()))),
-                  stdout=_tail(shown, limits.output_bytes).rstrip("\n"), reason=reason)
+                  stdout=_tail(stdout, limits.output_bytes).rstrip("\n"), reason=reason)
 
 
-def _supervise(proc: subprocess.Popen[bytes], report_r: int, code: str, nonce: str,
+def _records(data: bytes) -> list[dict[str, Any]]:
+    """The boot process's report: marshalled dicts, one after another."""
+    out, f = [], io.BytesIO(data)
+    while f.tell() < len(data):
+        try:
+            out.append(marshal.load(f))
+        except (EOFError, ValueError, TypeError):
+            break
+    return out
+
+
+def _supervise(proc: subprocess.Popen[bytes], report_r: int, payload: bytes,
                timeout: float) -> tuple[int | None, dict[str, Any], dict[str, Any]]:
-    """Feed the program, wait up to `timeout`, kill everything, read the boot report.
+    """Feed the boot process its configuration and the program, wait up to `timeout`, kill
+    everything, read the boot report.
 
     The boot process's group is killed in every case (a finished program may have left
     children), an interrupted wait included; the program's own process, which may have left
@@ -281,7 +316,7 @@ def _supervise(proc: subprocess.Popen[bytes], report_r: int, code: str, nonce: s
     lines: list[dict[str, Any]] = []
     try:
         try:
-            proc.stdin.write(json.dumps({"code": code, "nonce": nonce}).encode())  # type: ignore[union-attr]
+            proc.stdin.write(payload)  # type: ignore[union-attr]
             proc.stdin.close()  # type: ignore[union-attr]
         except BrokenPipeError:
             pass
@@ -292,8 +327,8 @@ def _supervise(proc: subprocess.Popen[bytes], report_r: int, code: str, nonce: s
     finally:
         _kill(proc.pid, None)
         proc.wait()
-        with os.fdopen(report_r, "r") as rep:  # EOF: the boot process is gone, the child closed it
-            lines = [json.loads(x) for x in rep.read().splitlines() if x.strip()]
+        with os.fdopen(report_r, "rb") as rep:  # EOF: the boot process is gone, the child closed it
+            lines = _records(rep.read())
         _kill(0, (lines[0] if lines else {}).get("pid"))
     return rc, (lines[0] if lines else {}), (lines[1] if len(lines) > 1 else {})
 

@@ -68,8 +68,169 @@ def test_pass_fail_error_and_early_exit(ns: bool, contained: None) -> None:
     for early in ("import sys\nsys.exit(0)\nassert False", "import os\nos._exit(0)\nassert False",
                   "raise SystemExit\nassert False"):
         assert _run(early, ns).status == "failed", early
-    # printing something nonce-like is not a pass either: the nonce is per run and unseen
-    assert _run("import os\nprint('0' * 32)\nos._exit(0)", ns).status == "failed"
+    # printing is never a pass: only the boot process reports one, on a pipe of its own
+    assert _run("import os\nprint('passed', '0' * 32)\nos._exit(0)", ns).status == "failed"
+
+
+# A program that tries every way to a pass without running to its end: it collects whatever
+# it can reach (the run's token, the function that reveals it) and writes all of it, and
+# garbage, to every descriptor before `os._exit(0)`. One output line per route.
+FORGER = r"""
+import gc, os, sys
+
+found = []
+
+def walk(frame):
+    while frame is not None:
+        found.extend(frame.f_locals.values())
+        found.extend(c.cell_contents for v in frame.f_locals.values()
+                     for c in getattr(v, "__closure__", None) or ())
+        frame = frame.f_back
+
+def tb_frame():
+    try:
+        1 / 0
+    except ZeroDivisionError as e:
+        walk(e.__traceback__.tb_frame)
+
+def handler_frame():
+    import _signal
+    _signal.signal(_signal.SIGALRM, lambda sig, frame: walk(frame))
+    _signal.setitimer(_signal.ITIMER_REAL, 0.01)
+    sum(range(10**7))
+
+def native_code():  # an extension module the program wrote (not a valid one: never loaded)
+    import _imp
+    open("ext.so", "wb").write(b"not an ELF file")
+    class Spec:
+        name, origin = "ext", os.path.abspath("ext.so")
+    _imp.create_dynamic(Spec())
+
+def ctypes_from_its_file():
+    import glob, importlib.util
+    path = glob.glob(sys.base_prefix + "/lib/python3*/lib-dynload/_ctypes.*")[0]
+    spec = importlib.util.spec_from_file_location("x._ctypes", path)
+    found.append(importlib.util.module_from_spec(spec))
+
+routes = {
+    "the frame that runs it": lambda: walk(sys._getframe(1)),
+    "a traceback's frame": tb_frame,
+    "a generator's frame": lambda: walk((x for x in [0]).gi_frame),
+    "a signal handler's frame": handler_frame,
+    "a tracer (it could jump over the asserts)": lambda: sys.settrace(lambda *a: None),
+    "a profiler": lambda: sys.setprofile(lambda *a: None),
+    "gc.get_objects": lambda: found.extend(gc.get_objects()),
+    "gc.get_referrers": lambda: found.extend(gc.get_referrers(os.write)),
+    "ctypes": lambda: found.append(__import__("ctypes").c_char_p(id(found)).value),
+    "ctypes from its file": ctypes_from_its_file,
+    "native code from the work dir": native_code,
+    "/proc/self/mem": lambda: found.append(open("/proc/self/mem", "rb").read(1)),
+    "/dev/fd/../mem": lambda: found.append(open("/dev/fd/../mem", "rb").read(1)),
+    "the parent's memory": lambda: os.open(f"/proc/{os.getppid()}/mem", os.O_RDONLY),
+    "the parent's descriptors": lambda: os.listdir(f"/proc/{os.getppid()}/fd"),
+}
+for name, route in routes.items():
+    try:
+        route()
+        print(f"{name}: allowed")
+    except BaseException as e:
+        print(f"{name}: {type(e).__name__}")
+for v in found:
+    if callable(v) and getattr(v, "__name__", "") == "prove":
+        v()
+tokens = [b"\0" * 16] + [v for v in found if isinstance(v, bytes) and len(v) == 16]
+for fd in range(3, 64):
+    try:
+        os.set_blocking(fd, False)  # a full pipe must not hang this
+        for token in tokens:
+            os.write(fd, token)
+    except OSError:
+        pass
+sys.stdout.flush()
+os._exit(0)
+assert False, "the tests"
+"""
+
+
+@pytest.mark.parametrize("ns", MODES)
+def test_no_route_to_a_pass_but_the_end(ns: bool, contained: None) -> None:
+    r = _run(FORGER, ns)
+    assert (r.status, r.reason) == ("failed", "exited before its end"), r.stderr
+    routes = dict(line.split(": ", 1) for line in r.stdout.splitlines())
+    assert len(routes) == 15 and "allowed" not in routes.values(), routes
+    # the hook refuses what it sees; seccomp refuses signal handlers; the kernel the parent
+    assert routes["the frame that runs it"] == routes["/dev/fd/../mem"] == "Refused"
+    assert routes["native code from the work dir"] == "Refused"
+    assert routes["a signal handler's frame"] == "PermissionError"
+    assert routes["the parent's descriptors"] in ("PermissionError", "FileNotFoundError")
+    # the runner's own code reveals a token of its own, not the one committed for the program
+    again = ("import os, sys\nfor fd in range(3, 64):\n    try:\n"
+             "        sys.modules['__main__']._run_program('pass', fd)\n"
+             "    except BaseException:\n        pass\nos._exit(0)")
+    assert _run(again, ns).reason == "exited before its end"
+
+
+@pytest.mark.parametrize("ns", MODES)
+def test_no_program_without_the_hook_can_read_the_token_holders(ns: bool,
+                                                                contained: None) -> None:
+    # a program the program starts has no audit hook: where /proc is hidden (a PID namespace)
+    # it may start, and finds neither the runner's memory nor the boot process's; elsewhere
+    # no program may start at all (and neither process is readable by the kernel's rules)
+    code = ("import os\nme, parent = os.getpid(), os.getppid()\npid = os.fork()\nif pid == 0:\n"
+            "    try:\n"
+            "        os.execv('/bin/sh', ['sh', '-c', f'for p in {me} {parent}; do if (exec 3< "
+            "/proc/$p/mem) 2>/dev/null; then echo opened; else echo denied; fi; done'])\n"
+            "    except PermissionError:\n        print('no exec', flush=True)\n"
+            "        os._exit(0)\n"
+            "os.waitpid(pid, 0)")
+    r = _run(code, ns)
+    assert r.status == "passed", r.stderr
+    proc_hidden = r.isolation.layers["pid_ns"]
+    assert r.stdout.split() == (["denied", "denied"] if proc_hidden else ["no", "exec"])
+
+
+COMMON = """
+import collections, enum, functools, typing
+P = collections.namedtuple("P", "a b")
+assert P(1, 2).b == 2
+T = typing.TypeVar("T")
+class Q(typing.NamedTuple):
+    x: int
+assert Q(3).x == 3 and enum.Enum("E", "a b").b.value == 2
+@functools.lru_cache(None)
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+assert fib(30) == 832040
+try:
+    raise ValueError("x")
+except ValueError as e:
+    assert str(e) == "x" and e.__traceback__ is not None
+"""
+MORE = """
+import asyncio, dataclasses, logging, subprocess, sys, threading
+@dataclasses.dataclass
+class D:
+    x: int
+logging.getLogger().warning("from the program")
+async def main():
+    return D(4).x
+assert asyncio.run(main()) == 4
+out = []
+t = threading.Thread(target=lambda: out.append(1))
+t.start()
+t.join()
+assert out == [1]
+assert subprocess.run([sys.executable, "-c", "print(6 * 7)"], capture_output=True,
+                      text=True).stdout == "42\\n"
+"""
+
+
+@pytest.mark.parametrize("ns", MODES)
+def test_ordinary_programs_are_not_refused(ns: bool, contained: None) -> None:
+    # the fallback run as root imports only the modules preloaded for it (see sandbox_boot)
+    code = COMMON + (MORE if ns and STRONG else "")
+    r = _run(code, ns, timeout_s=10.0)
+    assert r.status == "passed", r.stderr
 
 
 @pytest.mark.parametrize("ns", MODES)

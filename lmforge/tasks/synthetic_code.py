@@ -156,7 +156,8 @@ Case = tuple[Any, Any]
 
 @dataclass(frozen=True)
 class Problem:
-    """One function-writing problem: the prompt is the user turn, the solution the answer."""
+    """One function-writing problem: the prompt is the user turn, the solution the answer, and
+    the tests asserts that call `same`, run after an answer as `render_tests` renders them."""
 
     task_id: str
     difficulty: int
@@ -345,7 +346,7 @@ def _select(killers: list[Case], others: list[Case], n_tests: int,
         return None
     if same_type and all(repr(x) == repr(y) for x, y in cases):
         return None  # an identity function would pass
-    # Asserts are written with repr(), so what they spell must read back as the same value.
+    # Asserts spell values with repr(): they must read back as equal values of the same types.
     return cases if _round_trips(cases) else None
 
 
@@ -411,8 +412,48 @@ def make_problem(composition: Sequence[str], rng: random.Random, task_id: str,
             return Problem(task_id, len(composition), tuple(composition),
                            # no backticks: " name" tokenizes as in "def name("
                            f"Write a Python function {entry}({arg}) that {steps}.", entry,
-                           solution, tuple(f"assert {entry}({x!r}) == {y!r}" for x, y in cases))
+                           solution, tuple(_test(entry, x, y) for x, y in cases))
     return None
+
+
+def _test(entry: str, x: Any, y: Any) -> str:
+    call = f"{entry}({x!r})"
+    return f"assert same({call}, {y!r}), {f'{call} == {y!r}'!r}"
+
+
+# What every test calls. An answer's value passes only with the expected builtin types all the
+# way down, then equal: an object whose __eq__ says True to all, a subclass that overrides it,
+# or such an object inside a list fails, and no method of the answer's objects runs during the
+# check. Types come from literals (an answer can rebind `type` or `list`, not `[].__class__`),
+# and the tests run in a function the decorator calls before any name refers to it: an answer
+# cannot rebind `same` between asserts, nor read the expected values without frames or gc.
+_TESTS_HEAD = """\
+@lambda tests: tests()
+def _lmforge_tests():
+    def same(got, want, T=().__class__.__class__, L=[].__class__, D={}.__class__,
+             S="".__class__, scalars=((0).__class__, "".__class__, True.__class__)):
+        todo = [(got, want)]
+        while todo:
+            g, w = todo.pop()
+            if T(g) is not T(w) or (T(w) in (L, D) and g.__len__() != w.__len__()):
+                return False
+            if T(w) is L:
+                items = g.__iter__()
+                todo += [(items.__next__(), x) for x in w]
+            elif T(w) is D:
+                keys = [k for k in g if T(k) is S and k in w]
+                if keys.__len__() != w.__len__():
+                    return False
+                todo += [(g[k], w[k]) for k in keys]
+            elif T(w) not in scalars or g != w:
+                return False
+        return True
+"""
+
+
+def render_tests(tests: Sequence[str]) -> str:
+    """The code that runs `tests` (statements) after an answer: see `_TESTS_HEAD`."""
+    return _TESTS_HEAD + "".join(f"    {line}\n" for t in tests for line in t.splitlines())
 
 
 @dataclass(frozen=True)
@@ -514,7 +555,7 @@ def _limits(timeout: float) -> Limits:
 
 
 def _program(code: str, tests: Sequence[str]) -> str:
-    return code + "\n\n" + "\n".join(tests) + "\n"
+    return code + "\n\n" + render_tests(tests) + "\n"
 
 
 def check_program(solution_code: str, tests: Sequence[str],
@@ -541,7 +582,7 @@ def to_code_items(problems: Sequence[Problem], signature_prefill: bool = True,
     """Problems as evaluation items. With `signature_prefill` the answer starts at
     `def name(arg):` (without its newline: in training that newline merges with the next
     line's indent into one token, so a prefill ending in a bare newline would be off-grid)."""
-    return [CodeItem(task_id=p.task_id, prompt=p.prompt, tests="\n".join(p.tests),
+    return [CodeItem(task_id=p.task_id, prompt=p.prompt, tests=render_tests(p.tests),
                      reference=p.solution[len(p.solution.splitlines()[0]):] if signature_prefill
                      else p.solution, entry_point=p.entry_point,
                      head=p.solution.splitlines()[0] if signature_prefill else "",

@@ -183,8 +183,6 @@ def test_reward_model_pair_is_best_over_worst_and_skips_ties() -> None:
     assert reward_model_pair(it, [_s("a", True, 1.0), _s("a", True, 1.0)]) == []
 
 
-@pytest.mark.xfail(strict=True, reason="known holes, reported: the program can read the boot "
-                   "frame's nonce, and an object equal to everything satisfies `==` asserts")
 @pytest.mark.parametrize("body", [
     "\n    return None\nimport sys, os\nprint(sys._getframe(1).f_locals['nonce'])\n"
     "sys.stdout.flush()\nos._exit(0)",

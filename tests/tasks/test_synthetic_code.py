@@ -22,7 +22,9 @@ from lmforge.tasks.synthetic_code import (
     is_held_out,
     make_problem,
     make_splits,
+    render_tests,
     run_checks,
+    to_code_items,
 )
 
 SMALL = {"n_train": 300, "n_eval": 24}
@@ -51,8 +53,7 @@ def value_matches(type_: str, value: object) -> bool:
 def _run_in_process(p: Problem) -> None:
     namespace: dict[str, object] = {}
     exec(p.solution, namespace)  # our own reference code, never model output
-    for t in p.tests:
-        exec(t, namespace)
+    exec(render_tests(p.tests), namespace)
 
 
 def test_primitive_catalogue_covers_every_category() -> None:
@@ -158,9 +159,14 @@ def test_tests_are_discriminating(splits: Splits) -> None:
         assert len(p.tests) >= 3
         expected = []
         for t in p.tests:
-            call, _, want = t.partition(" == ")
-            assert call.startswith(f"assert {p.entry_point}(")
+            node = ast.parse(t).body[0]
+            assert isinstance(node, ast.Assert) and isinstance(node.test, ast.Call)
+            assert ast.unparse(node.test.func) == "same" and len(node.test.args) == 2
+            call, want = node.test.args
+            assert ast.unparse(call).startswith(f"{p.entry_point}(")
             expected.append(repr(ast.literal_eval(want)))
+            said = f"{ast.get_source_segment(t, call)} == {ast.get_source_segment(t, want)}"
+            assert node.msg is not None and ast.literal_eval(node.msg) == said
         assert len(set(expected)) > 1, p.task_id
     for p in _all(splits)[::17]:
         _run_in_process(p)
@@ -230,6 +236,67 @@ def test_references_pass_and_wrong_solutions_fail(splits: Splits) -> None:
     statuses = run_checks(wrong + caught[:8])
     assert "passed" not in statuses and set(statuses) <= {"failed", "error"}
     assert statuses[len(wrong):] == ["failed"] * len(caught[:8])
+
+
+CHEATS = {  # answers (given the reference as `ref`) whose values claim to be the right ones
+    "equal to everything": "class A:\n    __eq__ = lambda s, o: True\n    __ne__ = lambda s, o: "
+                           "False\n    __hash__ = None\ndef f(x):\n    return A()",
+    "a subclass that overrides ==": "class L(list):\n    __eq__ = lambda s, o: True\n"
+                                    "class S(str):\n    __eq__ = lambda s, o: True\n"
+                                    "def f(x):\n    return L() if isinstance(ref(x), list) else "
+                                    "S()",
+    "right containers, fake items": "class A:\n    __eq__ = lambda s, o: True\ndef f(x):\n"
+                                    "    y = ref(x)\n    return {k: A() for k in y} if "
+                                    "isinstance(y, dict) else [A() for _ in y] if "
+                                    "isinstance(y, list) else A()",
+    "shadowed builtins": "class A:\n    __eq__ = lambda s, o: True\ntype = lambda o: list\n"
+                         "isinstance = lambda o, t: True\nsame = lambda *a: True\n"
+                         "def f(x):\n    return A()",
+    "right once, then rebinding `same`": "class A:\n    __eq__ = lambda s, o: True\ncalls = []\n"
+                                         "def f(x):\n    calls.append(1)\n"
+                                         "    globals()['same'] = lambda *a: True\n"
+                                         "    return ref(x) if len(calls) == 1 else A()",
+    "a bool for an int, an int for a bool": "def f(x):\n    y = ref(x)\n    return (y == 1) if "
+                                            "type(y) is int and y in (0, 1) else int(y) if "
+                                            "type(y) is bool else y",
+}
+
+
+def _cheat(p: Problem, cheat: str) -> str:
+    """The cheat with `f` as the problem's function and the reference as `ref`."""
+    ref = p.solution.replace(f"def {p.entry_point}(", "def ref(", 1)
+    return ref + "\n" + cheat.replace("def f(", f"def {p.entry_point}(")
+
+
+def _expected(test: str) -> object:
+    return ast.literal_eval(ast.parse(test).body[0].test.args[1])  # type: ignore[attr-defined]
+
+
+def test_values_cannot_claim_to_be_right(splits: Splits) -> None:
+    sample = [ps[i] for ps in splits.heldout.values() for i in range(3)]
+    by_type = {type(_expected(p.tests[0])): p for p in _all(splits)}
+    assert {int, bool, str, list, dict} <= set(by_type)
+    for name, cheat in CHEATS.items():
+        for p in [*sample, *by_type.values()]:
+            if name.startswith("a bool") and not any(
+                    _expected(t) in (0, 1) and type(_expected(t)) in (int, bool) for t in p.tests):
+                continue  # the cheat returns the right value: it only fools `==` on 0 and 1
+            assert not _passes_in_process(_cheat(p, cheat), p), (name, p.task_id)
+        assert _passes_in_process(_cheat(sample[0], "def f(x):\n    return ref(x)"), sample[0])
+    # and through the sandbox, as a reward sees them (no name refers to the tests' function)
+    items = [(_cheat(by_type[bool if name.startswith("a bool") else list], c),
+              by_type[bool if name.startswith("a bool") else list].tests)
+             for name, c in CHEATS.items()]
+    assert run_checks(items) == ["failed"] * len(items)
+
+
+def test_code_items_run_the_same_tests(splits: Splits) -> None:
+    p = splits.heldout[2][0]
+    (item,) = to_code_items([p])
+    assert item.tests == render_tests(p.tests) and item.tests.count("assert same(") == len(p.tests)
+    namespace: dict[str, object] = {}
+    exec(item.program(item.reference), namespace)  # our own reference code
+    assert namespace["_lmforge_tests"] is None  # run by its decorator, then nothing names it
 
 
 def test_checker_statuses() -> None:
