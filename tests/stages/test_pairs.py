@@ -133,7 +133,7 @@ def test_pairs_pass_over_fail_by_running_the_sandbox(monkeypatch: pytest.MonkeyP
     assert s["samples"] == 18 and s["pass_rate"] == round(8 / 18, 4)
     assert (s["problems_with_pass"], s["problems_all_pass"], s["problems_none_pass"]) == (3, 1, 0)
     assert s["pairs"] == len(rows) == 4 and s["pairs_from_reference"] == 0  # 2 + 2 + all-pass 0
-    # the early exits ran to exit status 0 and printed PASSED, and still fail: no nonce
+    # the early exits ran to exit status 0 and printed PASSED, and still fail: no pass token
     for x in samples:
         if "exit" in x["answer"]:
             assert x["status"] == "failed" and x["reason"] == "exited before its end"
