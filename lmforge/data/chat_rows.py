@@ -127,9 +127,9 @@ def _check_assistant(content: str, where: str, path: str) -> None:
         raise _bad(where, path, "empty assistant message", value=content)
 
 
-def _messages(row: dict[str, Any], where: str) -> list[Message]:
-    key = "messages" if "messages" in row or "conversations" not in row else "conversations"
-    items = _required(row, key, where, list, "a list of messages")
+def message_list(items: list[Any], where: str, key: str) -> list[Message]:
+    """Chat messages from a JSON list, each checked (role, content, a system message only
+    first, a non-empty assistant answer); errors name `key[i].field`."""
     out: list[Message] = []
     for i, item in enumerate(items):
         at = f"{key}[{i}]"
@@ -145,6 +145,12 @@ def _messages(row: dict[str, Any], where: str) -> list[Message]:
         if role == "assistant":
             _check_assistant(content, where, f"{at}.content")
         out.append({"role": role, "content": content})
+    return out
+
+
+def _messages(row: dict[str, Any], where: str) -> list[Message]:
+    key = "messages" if "messages" in row or "conversations" not in row else "conversations"
+    out = message_list(_required(row, key, where, list, "a list of messages"), where, key)
     if not any(m["role"] == "assistant" for m in out):
         roles = ", ".join(m["role"] for m in out) or "none"
         raise _bad(where, key, "no assistant message", f"roles: {roles}")

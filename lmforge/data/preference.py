@@ -45,13 +45,13 @@ from transformers import PreTrainedTokenizerBase
 
 from lmforge.chat import Rendered, prompt_ids
 from lmforge.data.chat_rows import (
-    ROLES,
     InvalidRow,
     _bad,
     _check_assistant,
     _string,
     _type_name,
     iter_rows,
+    message_list,
 )
 from lmforge.data.sft import Batch, collate, pack_rows
 from lmforge.data.sources import invalid_json, jsonl_lines
@@ -110,25 +110,6 @@ def _object(row: Any, where: str) -> dict[str, Any]:
     return row
 
 
-def _message_list(value: list[Any], where: str, key: str) -> list[Message]:
-    out: list[Message] = []
-    for i, item in enumerate(value):
-        at = f"{key}[{i}]"
-        if not isinstance(item, dict):
-            raise _bad(where, at, "wrong type", f"expected an object, got {_type_name(item)}")
-        role = _string(item, "role", where, f"{at}.role")
-        if role not in ROLES:
-            raise _bad(where, f"{at}.role", "unknown role", f"expected {', '.join(ROLES)}", role)
-        if role == "system" and i > 0:
-            raise _bad(where, f"{at}.role", "misplaced system message",
-                       "only the first message may be system", role)
-        content = _string(item, "content", where, f"{at}.content")
-        if role == "assistant":
-            _check_assistant(content, where, f"{at}.content")
-        out.append({"role": role, "content": content})
-    return out
-
-
 def _text_or_messages(row: dict[str, Any], key: str, where: str) -> str | list[Message]:
     value = row.get(key)
     if value is None:
@@ -137,7 +118,7 @@ def _text_or_messages(row: dict[str, Any], key: str, where: str) -> str | list[M
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return _message_list(value, where, key)
+        return message_list(value, where, key)
     raise _bad(where, key, "wrong type",
                f"expected a string or a list of messages, got {_type_name(value)}", value)
 

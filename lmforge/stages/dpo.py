@@ -164,13 +164,19 @@ def dpo_task(model: PreTrainedModel, train_b: PairBatches, val_b: PairBatches,
             m["kl/implicit"] = float((logps.detach() - r).mean())
         return loss, m
 
+    return preference_task(pair_loss, train_b, val_b, cfg)
+
+
+def preference_task(loss_of: Any, train_b: Batches, val_b: Batches, cfg: PrefCfg) -> Task:
+    """The loop's Task for a `loss_of(batch, split)`: a micro-batch weighs its number of
+    examples (every preference loss is a mean over them), validation on every held-out one."""
     val_batches = val_b.eval_batches(cfg.train.micro_batch_size)
-    return Task(step=lambda b: pair_loss(b, "train"),
+    return Task(step=lambda b: loss_of(b, "train"),
                 batches=lambda n: train_b.micro_batches(n, cfg.train.micro_batch_size,
                                                         cfg.train.grad_accum),
                 weight=lambda b: float(b["index"].numel()),
                 tokens=lambda b: int(b["valid"].sum()),
-                evaluate=lambda: val_metrics(val_batches, lambda b: pair_loss(b, "val")))
+                evaluate=lambda: val_metrics(val_batches, lambda b: loss_of(b, "val")))
 
 
 def val_metrics(batches: list[dict[str, torch.Tensor]], loss_of: Any) -> dict[str, float]:

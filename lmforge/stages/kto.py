@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from lmforge.config import KtoCfg
 from lmforge.data.preference import UnpairedBatches
 from lmforge.losses.preference import kto_loss
-from lmforge.stages.dpo import run_preference, val_metrics
+from lmforge.stages.dpo import preference_task, run_preference
 from lmforge.train.loop import Task
 from lmforge.train.reference import Reference, batch_logps
 
@@ -37,13 +37,7 @@ def kto_task(model: PreTrainedModel, train_b: UnpairedBatches, val_b: UnpairedBa
         m["logps/completion"] = float(logps[:P].detach().mean())
         return loss, m
 
-    val_batches = val_b.eval_batches(cfg.train.micro_batch_size)
-    return Task(step=lambda b: loss_of(b, "train"),
-                batches=lambda n: train_b.micro_batches(n, cfg.train.micro_batch_size,
-                                                        cfg.train.grad_accum),
-                weight=lambda b: float(b["index"].numel()),
-                tokens=lambda b: int(b["valid"].sum()),
-                evaluate=lambda: val_metrics(val_batches, lambda b: loss_of(b, "val")))
+    return preference_task(loss_of, train_b, val_b, cfg)
 
 
 def main(cfg: KtoCfg) -> dict[str, Any]:
