@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench clean
+.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,15 @@ lint: $(VENV)/.dev
 
 bench: $(VENV)/.core
 	$(BIN)/python bench/pretrain_throughput.py
+
+# trl (and the datasets/pandas/pyarrow it pulls) is for this benchmark only: `make test` and
+# `make demo` never install it
+$(VENV)/.bench: $(VENV)/.core
+	$(PIP) -e ".[bench]"
+	@touch $@
+
+bench-dpo: $(VENV)/.bench
+	$(BIN)/python bench/dpo_vs_trl.py
 
 clean:
 	rm -rf runs .pytest_cache
