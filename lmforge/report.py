@@ -166,7 +166,7 @@ PREF_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "re
 def preference_lines(name: str, s: dict[str, Any]) -> list[str]:
     """A DPO/KTO stage: what it optimised, first vs last step, held-out preference metrics."""
     first, last, val = s.get("first_step", {}), s.get("last", {}), s.get("final_val", {})
-    loss = s.get("loss", "kto")
+    loss = s.get("loss", "kto") + (f" + RPO (alpha {s['rpo_alpha']})" if s.get("rpo_alpha") else "")
     lines = [
         f"### {name}",
         f"- {s.get('method')} {loss} (beta {s.get('beta')}) from `{s.get('reference') or 'no reference'}`; "

@@ -34,6 +34,7 @@ import json
 import math
 import re
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -472,7 +473,7 @@ def _seq(prompt: list[int], completion: list[int]) -> Rendered:
     return Rendered(prompt + completion, [0] * len(prompt) + [1] * len(completion))
 
 
-class _Batches:
+class _Batches(ABC):
     """What paired and unpaired batches share: each epoch visits the examples in a fresh
     seeded order, so `micro_batches(step, ...)` is a pure function of its arguments (exact
     resume). A micro-batch's sequences go in one forward pass, packed or one per row."""
@@ -492,8 +493,9 @@ class _Batches:
             out.append(int(cache[epoch][pos]))
         return out
 
+    @abstractmethod
     def _sequences(self, ids: list[int]) -> tuple[list[Rendered], Batch]:
-        raise NotImplementedError
+        """The micro-batch's sequences, in `seq_ids` order, and its extra (P,) tensors."""
 
     def _collate(self, ids: list[int]) -> Batch:
         seqs, extra = self._sequences(ids)

@@ -73,9 +73,14 @@ def check_inputs(cfg: C.Cfg) -> None:
         raise UserError(f"{key}: {value} does not exist; {how}")
 
 
+# fields that name where a stage writes, not what it reads
+_OUTPUT_FIELDS = {"cache_dir"}
+
+
 def _paths(node: Any, key: tuple[str, ...]) -> Iterator[tuple[str, str]]:
-    """(dotted key, text) for every path or string in a config, run.dir excepted (an output)."""
-    if isinstance(node, C.RunCfg):
+    """(dotted key, text) for every path or string in a config, outputs excepted (run.dir,
+    a cache the stage fills)."""
+    if isinstance(node, C.RunCfg) or (key and key[-1] in _OUTPUT_FIELDS):
         return
     if isinstance(node, BaseModel):
         for name in type(node).model_fields:

@@ -271,4 +271,4 @@ def heldout_pass_at_1(cfg: PrefCfg, fmt: ChatFormat, precision: Precision, res: 
 
 def main(cfg: DpoCfg) -> dict[str, Any]:
     summary = run_preference(cfg, False, dpo_task)
-    return {"loss": cfg.loss, "beta": cfg.beta, **summary}
+    return {"loss": cfg.loss, "beta": cfg.beta, "rpo_alpha": cfg.rpo_alpha, **summary}
