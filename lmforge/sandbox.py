@@ -43,6 +43,9 @@ from typing import Any, Literal
 
 from lmforge.errors import UserError
 
+# the boot reads uids the same way; it imports nothing of lmforge, so the parent takes its copy
+from lmforge.sandbox_boot import real_uid
+
 Status = Literal["passed", "failed", "timeout", "error"]
 _BOOT = str(Path(__file__).with_name("sandbox_boot.py"))
 _UID_BASE = 61000  # run uids: _UID_BASE + slot; no passwd entry needed
@@ -138,24 +141,11 @@ def _kill(pgid: int, child: int | None) -> None:
                 pass
 
 
-def _real_uid(pid: str) -> int | None:
-    """A process's real uid, from its status: every sandbox process is not dumpable, and the
-    kernel then shows /proc/<pid> as root's."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _reap_uid(uid: int) -> None:
     """Weak mode's stand-in for a PID namespace: kill whatever still runs as the run's uid
     (again while a pass finds some: one may have forked during the last)."""
     for _ in range(3):
-        pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and _real_uid(e) == uid]
+        pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and real_uid(e) == uid]
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)

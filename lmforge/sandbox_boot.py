@@ -280,7 +280,7 @@ def _hidden_roots(dirs: list[str], uid: int) -> list[str]:
     return sorted(roots)
 
 
-def _real_uid(pid: str) -> int | None:
+def real_uid(pid: str) -> int | None:
     """A process's real uid, from its status: not the owner of /proc/<pid>, which is root for a
     process that is not dumpable (every sandbox process)."""
     try:
@@ -294,7 +294,7 @@ def _real_uid(pid: str) -> int | None:
 
 
 def _processes_of(uid: int) -> int:
-    return sum(e.isdigit() and _real_uid(e) == uid for e in os.listdir("/proc"))
+    return sum(e.isdigit() and real_uid(e) == uid for e in os.listdir("/proc"))
 
 
 def _drop_user(uid: int) -> None:

@@ -275,6 +275,17 @@ def iter_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, A
         yield from _iter_hub(spec, split)
 
 
+def require_rows(kept: list[Any], source: str | Path, skipped: dict[str, int],
+                 first_error: Exception | None) -> None:
+    """One line when nothing usable was read: no rows at all, or why every row was skipped."""
+    if kept:
+        return
+    if first_error is None:
+        raise UserError(f"{source}: no rows")
+    counts = ", ".join(f"{k} {n}" for k, n in skipped.items())
+    raise UserError(f"{source}: no valid rows ({counts}); first: {first_error}")
+
+
 def load_conversations(
     source: str | Path,
     fmt: Format = "auto",
@@ -304,11 +315,7 @@ def load_conversations(
         stats.kept += 1
         if limit is not None and stats.kept >= limit:
             break
-    if not out:
-        if first_error is None:
-            raise UserError(f"{source}: no rows")
-        skipped = ", ".join(f"{k} {n}" for k, n in stats.skipped.items())
-        raise UserError(f"{source}: no valid rows ({skipped}); first: {first_error}")
+    require_rows(out, source, stats.skipped, first_error)
     return out, stats
 
 

@@ -53,6 +53,7 @@ from lmforge.data.chat_rows import (
     _type_name,
     iter_rows,
     message_list,
+    require_rows,
 )
 from lmforge.data.sft import Batch, collate, pack_rows
 from lmforge.data.sources import invalid_json, jsonl_lines
@@ -312,11 +313,7 @@ def _read(source: str, fmt: str, split: str, skip_invalid: bool,
         if limit is not None and len(out) >= limit:
             break
     stats.kept = len(out)
-    if not out:
-        if first_error is None:
-            raise UserError(f"{source}: no rows")
-        skipped = ", ".join(f"{k} {n}" for k, n in stats.skipped.items())
-        raise UserError(f"{source}: no valid rows ({skipped}); first: {first_error}")
+    require_rows(out, source, stats.skipped, first_error)
     return out, stats
 
 
