@@ -50,6 +50,13 @@ class Task:
     # writes a loadable HF dir of the current weights (best/, final/); None: save_hf. Adapter
     # runs use it to write the merged model next to the adapter.
     export: Callable[[Path], None] | None = None
+    # run after each optimizer step, inside its timing: where a rollout engine receives the
+    # new weights; what it returns joins the step's metrics row (e.g. the step's time split)
+    after_step: Callable[[], dict[str, float]] | None = None
+    # what an exact resume needs besides weights, optimizer, RNG and the step (RL: the batch
+    # of rollouts a run with several passes per batch is in the middle of); in every checkpoint
+    state: Callable[[], dict[str, Any]] | None = None
+    load_state: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -218,6 +225,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "rng": ckpt.rng_state(),
+            "task": self.task.state() if self.task.state is not None else None,
         }
 
     def save(self) -> Path:
@@ -230,6 +238,8 @@ class Trainer:
         if self.precision.scaler is not None and st["scaler"] is not None:
             self.precision.scaler.load_state_dict(st["scaler"])
         ckpt.set_rng_state(st["rng"])
+        if st.get("task") is not None and self.task.load_state is not None:
+            self.task.load_state(st["task"])
         self.state = _State(st["step"], st["tokens"], st["best_val"], st["evals_since_best"],
                             st["nonfinite_in_row"], st["nonfinite_total"],
                             st.get("train_time_s", 0.0), st.get("planned_steps"), st.get("budget"))
@@ -349,6 +359,8 @@ class Trainer:
         else:
             s.nonfinite_in_row = 0
             grad_norm, applied = self._optimizer_step()
+        if self.task.after_step is not None:
+            metrics.update(self.task.after_step())
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -147,28 +146,31 @@ def cached_tables(model: torch.nn.Module, datasets: dict[str, tuple[list[Batch],
 
 
 def live_reference(policy: PreTrainedModel, explicit: PreTrainedModel | None, adapters: bool,
-                   autocast: Any = None) -> tuple[Callable[[Batch], torch.Tensor], str]:
+                   score: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None
+                   ) -> tuple[Callable[[Batch], torch.Tensor], str]:
     """A per-batch reference: the explicit model, or the adapter-disabled base (LoRA), or a
-    frozen copy of the starting policy (full fine-tuning: a second model in memory)."""
-    ctx = autocast if autocast is not None else nullcontext()
+    frozen copy of the starting policy (full fine-tuning: a second model in memory).
+    `score(model, batch)` is what it computes (default: summed completion log-probs per
+    sequence), without a graph and in the caller's precision context."""
+    fn = score or (lambda m, b: batch_logps(m, b)[0])
     if explicit is not None:
         ref = explicit.eval().requires_grad_(False)
-        return (lambda b: _run(ref, b, ctx)), "ref.model, run live every step"
+        return (lambda b: _run(ref, b, fn)), "ref.model, run live every step"
     if adapters:
         def base(b: Batch) -> torch.Tensor:
             with policy.disable_adapter():  # type: ignore[attr-defined]
-                return _run(policy, b, ctx)
+                return _run(policy, b, fn)
         return base, "the adapter-disabled base, run live every step"
     frozen = copy.deepcopy(policy).eval().requires_grad_(False)
-    return (lambda b: _run(frozen, b, ctx)), "a frozen copy of the starting policy, run live"
+    return (lambda b: _run(frozen, b, fn)), "a frozen copy of the starting policy, run live"
 
 
-def _run(model: torch.nn.Module, b: Batch, ctx: Any) -> torch.Tensor:
+def _run(model: torch.nn.Module, b: Batch,
+         fn: Callable[[torch.nn.Module, Batch], torch.Tensor]) -> torch.Tensor:
     was_training = model.training
     model.eval()  # no dropout in the reference
     try:
-        with torch.no_grad(), ctx:
-            return batch_logps(model, b)[0].float()
+        with torch.no_grad():
+            return fn(model, b).float()
     finally:
         model.train(was_training)
-
