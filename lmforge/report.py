@@ -187,7 +187,7 @@ def preference_lines(name: str, s: dict[str, Any]) -> list[str]:
 def compare_pass_lines(summaries: dict[str, dict[str, Any]], stage_of: dict[str, str]) -> list[str]:
     """Held-out greedy pass@1 of every stage that measured it, side by side (same problems)."""
     rows = [(n, s["after"]["pass_at_1"]) for n, s in summaries.items()
-            if stage_of[n] in ("sft", "dpo", "kto") and (s.get("after") or {}).get("pass_at_1")]
+            if stage_of[n] in ("sft", "dpo", "kto", "grpo") and (s.get("after") or {}).get("pass_at_1")]
     if len(rows) < 2:
         return []
     groups = list(rows[0][1]["n_per_group"])
@@ -202,6 +202,52 @@ def compare_pass_lines(summaries: dict[str, dict[str, Any]], stage_of: dict[str,
         overall = sum(pa[g] * n_g[g] for g in groups) / max(sum(n_g.values()), 1)
         lines.append(f"| {n} | " + " | ".join(_fmt(pa.get(g), ".1%") for g in groups)
                      + f" | **{overall:.1%}** |")
+    return lines
+
+
+RL_CURVES = (("reward/mean", "reward (weighted sum)"), ("pass_rate", "pass rate (all tests)"),
+             ("kl", "KL to the reference (nats/token)"))
+
+
+def plot_rl(rows: list[dict[str, Any]], out: Path) -> bool:
+    """GRPO's reward, pass rate and KL per optimizer step, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [(k, label) for k, label in RL_CURVES if any(k in r for r in rows)]
+    if not curves:
+        return False
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
+    for ax, (k, label) in zip(axes[0], curves):
+        ax.plot([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r])
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def rl_lines(root: Path, name: str, s: dict[str, Any]) -> list[str]:
+    """A GRPO stage: rollouts, the loss's choices, start vs end of the curves, time split."""
+    ro, t, first, last = s.get("rollouts", {}), s.get("time_per_step_s", {}), \
+        s.get("curve", {}).get("first", {}), s.get("curve", {}).get("last", {})
+    lines = [f"### {name}",
+             f"- {s.get('method')} on {_fmt(ro.get('prompts'))} prompts, {_fmt(ro.get('per_step'))} "
+             f"rollouts per round ({ro.get('backend')} backend), {_fmt(s.get('steps'))} steps "
+             f"({s.get('stopped')}) in {_fmt(s.get('train_time_s'), '.0f')}s; {s.get('variant', '')}",
+             f"- reference: {s.get('reference')}",
+             f"- time per step: generation {_fmt(t.get('gen'), '.2f')}s, reward "
+             f"{_fmt(t.get('reward'), '.2f')}s, training {_fmt(t.get('train'), '.2f')}s",
+             *run_lines(s), "", "| per step (mean of the first / last quarter) | first | last |",
+             "|---|---:|---:|"]
+    lines += [f"| {k} | {_fmt(first.get(k))} | {_fmt(last.get(k))} |" for k in first]
+    rows = read_jsonl(root / name / "metrics.jsonl")
+    if plot_rl(rows, root / f"{name}_rl.png"):
+        lines += ["", f"![reward and KL]({name}_rl.png)"]
     return lines
 
 
@@ -271,7 +317,7 @@ def write_report(root: Path, cfg: PipelineCfg, summaries: dict[str, dict[str, An
              "## Stages", "", *stage_table(summaries, stage_of), ""]
     # preference losses are nats per pair, not per token: they would share no axis with the rest
     trained = [n for n in summaries if (root / n / "metrics.jsonl").exists()
-               and stage_of[n] not in ("dpo", "kto", "rm")]
+               and stage_of[n] not in ("dpo", "kto", "rm", "grpo")]
     if trained and plot_losses(root, trained, root / "loss.png"):
         lines += ["## Loss", "", "![loss curves](loss.png)", ""]
     for name, s in summaries.items():
@@ -285,6 +331,9 @@ def write_report(root: Path, cfg: PipelineCfg, summaries: dict[str, dict[str, An
             lines += ["## Preference pairs", "", *pairs_lines(name, s), ""]
         if stage_of[name] in ("dpo", "kto"):
             lines += ["## Preference optimisation", "", *preference_lines(name, s), ""]
+            lines += [*compare_pass_lines(summaries, stage_of), ""]
+        if stage_of[name] == "grpo":
+            lines += ["## Online RL", "", *rl_lines(root, name, s), ""]
             lines += [*compare_pass_lines(summaries, stage_of), ""]
         if stage_of[name] == "eval":
             lines += ["## Evaluation", "", *eval_lines(name, s), ""]

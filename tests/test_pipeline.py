@@ -104,7 +104,7 @@ def test_stage_configs_resolve_from_any_working_directory(tmp_path: Path,
     monkeypatch.setattr("lmforge.report.write_report", lambda root, *a: root / "report.md")
     monkeypatch.chdir(tmp_path)
     pipeline.run_pipeline(ROOT / "configs" / "tiny.yaml")
-    assert [s for s, _ in ran] == ["corpus", "tokenizer", "pretrain", "sft", "pairs", "dpo", "eval"]
+    assert [s for s, _ in ran] == ["corpus", "tokenizer", "pretrain", "sft", "pairs", "dpo", "grpo", "eval"]
     assert ran[0][1] == Path("runs/tiny/corpus")
     copy = tmp_path / "elsewhere" / "pipelines"
     copy.mkdir(parents=True)

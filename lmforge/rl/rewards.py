@@ -1,4 +1,16 @@
-"""Rewards for sampled answers. So far one: the scalar a reward model gives an answer.
+"""Rewards for sampled answers, each a function with typed arguments (lmforge/rl/config.py):
+
+- code: the answer's program runs with the problem's tests in the sandbox (never in-process);
+  all_pass gives 1 when the program ran to its end, fraction the share of tests that pass,
+  each test in a program of its own, so each verdict is the sandbox's sealed one;
+- format: the answer has the shape the task reads (code that parses and defines the entry
+  point, or a GSM8K answer with a number); parsing only, nothing of it runs;
+- answer: GSM8K's final number matches the reference;
+- reward_model: the scalar an `lmforge rm` model gives (prompt, answer);
+- length: DAPO's soft overlong penalty.
+
+`score_rollouts` runs the configured ones and returns their weighted sum per answer with each
+function's own values (for the per-function metrics).
 
 A reward model is what `lmforge rm` saves: a causal LM with a one-output `score` head, loaded
 with `AutoModelForSequenceClassification`, whose config names its pad token (the head reads the
@@ -7,8 +19,12 @@ last token that is not padding, so batches must be told where that is).
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +83,7 @@ def reward_model_scores(model_dir: str | Path, tokenizer_dir: str | Path | None,
     return scores
 
 
+@functools.lru_cache(maxsize=2)  # RL scores every step: load once, not per batch
 def _load_rm(model_dir: str) -> PreTrainedModel:
     check_local_or_hub(model_dir, "reward model")
     try:
@@ -118,3 +135,95 @@ def _length_slope(model_dir: Path) -> float:
     if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not math.isfinite(slope):
         raise UserError(f"{path}: slope must be a finite number, got {slope!r}")
     return float(slope)
+
+
+# --------------------------------------------------------------------------- RL rewards
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a reward function sees of one rollout: its problem, its text (cut before a stop
+    string; a code answer continues the item's head), and its length in tokens."""
+
+    item: Any  # CodeItem | AnswerItem
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Env:
+    """What rewards share: the sandbox's limits and workers."""
+
+    limits: Any  # sandbox.Limits
+    workers: int
+
+
+def code_reward(cfg: Any, answers: Sequence[Answer], env: Env) -> list[float]:
+    """1.0 / 0.0 per answer (all_pass), or the fraction of its tests that pass (fraction)."""
+    from lmforge import sandbox
+    from lmforge.eval.harness import code_of
+
+    if cfg.mode == "all_pass":
+        programs = [a.item.program(code_of(a.item, a.text)) for a in answers]
+        return [float(r.passed) for r in sandbox.run_many(programs, env.limits, workers=env.workers)]
+    per = [a.item.test_programs(code_of(a.item, a.text)) for a in answers]
+    flat = sandbox.run_many([p for ps in per for p in ps], env.limits, workers=env.workers)
+    out, k = [], 0
+    for ps in per:
+        out.append(sum(r.passed for r in flat[k:k + len(ps)]) / max(len(ps), 1))
+        k += len(ps)
+    return out
+
+
+_MAX_PARSE_CHARS = 20_000  # the parser's time and memory grow with the text: bound both
+
+
+def format_reward(cfg: Any, answers: Sequence[Answer], env: Env) -> list[float]:
+    from lmforge.eval.harness import code_of
+    from lmforge.tasks.base import CodeItem
+    from lmforge.tasks.gsm8k import extract_answer
+
+    def ok(a: Answer) -> bool:
+        if not isinstance(a.item, CodeItem):
+            return extract_answer(a.text) is not None
+        code = a.item.head + code_of(a.item, a.text)
+        if len(code) > _MAX_PARSE_CHARS:
+            return False
+        try:
+            tree = ast.parse(code)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return False
+        return any(isinstance(n, ast.FunctionDef) and n.name == a.item.entry_point
+                   for n in tree.body)
+
+    return [float(ok(a)) for a in answers]
+
+
+def answer_reward(cfg: Any, answers: Sequence[Answer], env: Env) -> list[float]:
+    return [float(bool(a.item.score(a.text))) for a in answers]
+
+
+def reward_model_reward(cfg: Any, answers: Sequence[Answer], env: Env) -> list[float]:
+    prompts: list[list[Message]] = [[{"role": "user", "content": a.item.prompt}] for a in answers]
+    texts = [getattr(a.item, "head", "") + a.text for a in answers]
+    return reward_model_scores(cfg.path, None, prompts, texts, cfg.batch_size)
+
+
+def length_reward(cfg: Any, answers: Sequence[Answer], env: Env) -> list[float]:
+    """0 up to max_tokens - buffer, then linearly down to -1 at max_tokens (DAPO eq. 13)."""
+    free = cfg.max_tokens - cfg.buffer
+    return [-min(1.0, max(0, a.tokens - free) / cfg.buffer) for a in answers]
+
+
+REWARDS: dict[str, Callable[[Any, Sequence[Answer], Env], list[float]]] = {
+    "code": code_reward, "format": format_reward, "answer": answer_reward,
+    "reward_model": reward_model_reward, "length": length_reward,
+}
+
+
+def score_rollouts(cfgs: Sequence[Any], answers: Sequence[Answer], env: Env
+                   ) -> tuple[list[float], dict[str, list[float]]]:
+    """(the weighted sum per answer, each function's unweighted values by its kind)."""
+    parts = {c.kind: REWARDS[c.kind](c, answers, env) for c in cfgs}
+    total = [sum(c.weight * parts[c.kind][i] for c in cfgs) for i in range(len(answers))]
+    return total, parts

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from lmforge import config as C
 from lmforge.errors import UserError
 from lmforge.io import atomic_write_json, ensure_writable_dir, storage_errors
+from lmforge.rl.config import GrpoCfg
 
 STAGES: dict[str, type[C.Cfg]] = {
     "corpus": C.CorpusCfg,
@@ -25,6 +26,7 @@ STAGES: dict[str, type[C.Cfg]] = {
     "rm": C.RmCfg,
     "dpo": C.DpoCfg,
     "kto": C.KtoCfg,
+    "grpo": GrpoCfg,
     "eval": C.EvalCfg,
 }
 

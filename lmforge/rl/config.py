@@ -1,0 +1,192 @@
+"""Typed configs of online RL: the rollout, the policy loss's independent choices, the reward
+functions (each its own typed arguments, picked by `kind`), and the GRPO stage that composes
+them. Kept beside the rest of rl/ (lmforge/config.py holds the shared parts they build on).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lmforge.config import (
+    Cfg,
+    LoraCfg,
+    ModelCfg,
+    OptimCfg,
+    PrefEvalCfg,
+    SandboxCfg,
+    SyntheticTaskCfg,
+    TrainingCfg,
+)
+
+
+class RolloutCfg(Cfg):
+    backend: Literal["hf", "vllm"] = "hf"
+    group_size: int = Field(8, ge=2)  # G completions per prompt
+    prompts_per_step: int = Field(8, ge=1)  # groups in each optimizer step's batch
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0)  # the trainer scores with the same temperature
+    top_p: float = Field(1.0, gt=0, le=1)  # not reflected in the log-probs: keep 1 for RL
+    top_k: int = Field(0, ge=0)  # 0: off; as top_p
+    batch_size: int = Field(64, ge=1)  # rows sampled together
+    # vllm only: the share of GPU memory the colocated engine may take, and its dtype
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class PolicyLossCfg(Cfg):
+    """Each choice is its own field (DESIGN rule 11); see losses/policy.py for the math."""
+
+    ratio_level: Literal["token", "sequence"] = "token"  # sequence: GSPO
+    clip_low: float = Field(0.2, gt=0, lt=1)
+    clip_high: float = Field(0.2, gt=0)  # > clip_low: DAPO's clip-higher
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    kl: Literal["k1", "k2", "k3", "none"] = "k3"
+    beta: float = Field(0.0, ge=0)  # KL weight; 0: no reference is needed at all
+    entropy_coef: float = Field(0.0, ge=0)
+    # truncated importance sampling against the rollout engine's log-probs: auto = on when
+    # the engine is not the trained module itself (vllm); the gap is logged either way
+    is_correction: Literal["auto", "on", "off"] = "auto"
+    is_cap: float = Field(2.0, ge=1)
+
+
+class AdvantageCfg(Cfg):
+    # group_std: GRPO's (r - mean) / std; group_mean: Dr. GRPO's r - mean; rloo: leave-one-out
+    kind: Literal["group_std", "group_mean", "rloo"] = "group_std"
+    whiten: bool = False  # then whitened over the whole batch
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+class CodeRewardCfg(Cfg):
+    """The answer's program run with the problem's tests in the sandbox: 1 when all pass
+    (all_pass), or the fraction of tests that pass, each test in its own program (fraction)."""
+
+    kind: Literal["code"] = "code"
+    weight: float = 1.0
+    mode: Literal["all_pass", "fraction"] = "all_pass"
+
+
+class FormatRewardCfg(Cfg):
+    """1 when the answer has the shape the task reads: code that parses (not run: parsing is
+    not execution) and defines the entry point; a GSM8K answer with a final number."""
+
+    kind: Literal["format"] = "format"
+    weight: float = 0.1
+
+
+class AnswerRewardCfg(Cfg):
+    """GSM8K: 1 when the final number equals the reference's."""
+
+    kind: Literal["answer"] = "answer"
+    weight: float = 1.0
+
+
+class RewardModelCfg(Cfg):
+    kind: Literal["reward_model"] = "reward_model"
+    weight: float = 1.0
+    path: str  # an `lmforge rm` final/ dir
+    batch_size: int = Field(16, ge=1)
+
+
+class LengthRewardCfg(Cfg):
+    """DAPO's soft overlong penalty: 0 up to `max_tokens - buffer` tokens, falling linearly to
+    -1 at `max_tokens` and beyond (the weight scales it)."""
+
+    kind: Literal["length"] = "length"
+    weight: float = 1.0
+    max_tokens: int = Field(128, ge=1)
+    buffer: int = Field(32, ge=1)
+
+
+RewardCfg = CodeRewardCfg | FormatRewardCfg | AnswerRewardCfg | RewardModelCfg | LengthRewardCfg
+REWARD_KINDS: dict[str, type[Cfg]] = {"code": CodeRewardCfg, "format": FormatRewardCfg,
+                                      "answer": AnswerRewardCfg,
+                                      "reward_model": RewardModelCfg, "length": LengthRewardCfg}
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+class PromptDataCfg(Cfg):
+    # synthetic_code (its train split), "mbpp[:PATH|HUB_ID]" or "gsm8k[:PATH|HUB_ID]"
+    train: str = "synthetic_code"
+    split: str = "train"  # mbpp / gsm8k split the prompts come from
+    limit: int | None = Field(None, ge=1)  # prompts (the first ones)
+    template: str = "auto"  # the chat template: auto | tokenizer | ... (as in sft)
+    tokenizer: Path | None = None  # only for a model built from a preset
+    signature_prefill: bool = True  # code answers start at `def name(arg):`
+
+
+class GrpoRefCfg(Cfg):
+    # auto: the adapter-disabled base under LoRA, else a frozen copy of the starting policy
+    # (a second model in memory); none: no reference (needs loss.beta = 0 ... or kl none)
+    kind: Literal["auto", "frozen", "none"] = "auto"
+    model: str | None = None  # an explicit reference (HF dir or hub id) instead
+
+
+class GrpoCfg(TrainingCfg):
+    model: ModelCfg = ModelCfg(preset=None)  # the policy starts from model.path
+    optim: OptimCfg = OptimCfg(lr=1e-6, weight_decay=0.0, warmup_steps=0, schedule="constant")
+    data: PromptDataCfg = PromptDataCfg()
+    lora: LoraCfg = LoraCfg()
+    rollout: RolloutCfg = RolloutCfg()
+    loss: PolicyLossCfg = PolicyLossCfg()
+    advantage: AdvantageCfg = AdvantageCfg()
+    rewards: list[RewardCfg] = [CodeRewardCfg()]
+    mu: int = Field(1, ge=1)  # optimization passes over each batch of rollouts
+    # groups whose rewards are all equal have zero advantage and teach nothing (DAPO): drop
+    # them and sample more prompts, up to this many extra rounds per step (0: keep them)
+    dynamic_sampling_rounds: int = Field(0, ge=0)
+    ref: GrpoRefCfg = GrpoRefCfg()
+    sandbox: SandboxCfg = SandboxCfg(timeout_s=5.0)
+    task: SyntheticTaskCfg = SyntheticTaskCfg()
+    eval: PrefEvalCfg = PrefEvalCfg()  # held-out pass@1 of the trained policy
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _by_kind(cls, v: Any) -> Any:
+        """Each entry validated as the class its `kind` names, so an error speaks of that
+        reward's fields (a plain union would list every class's complaints)."""
+        if not isinstance(v, list):
+            return v
+        out = []
+        for i, r in enumerate(v):
+            if isinstance(r, dict):
+                kind = r.get("kind")
+                if kind not in REWARD_KINDS:
+                    raise ValueError(f"rewards[{i}].kind: {kind!r} is not one of "
+                                     f"{', '.join(REWARD_KINDS)}")
+                r = REWARD_KINDS[kind].model_validate(r)
+            out.append(r)
+        return out
+
+    @field_validator("rewards")
+    @classmethod
+    def _rewards(cls, v: list[RewardCfg]) -> list[RewardCfg]:
+        if not v:
+            raise ValueError("give at least one reward function")
+        kinds = [r.kind for r in v]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"each reward kind at most once, got {kinds}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GrpoCfg:
+        kinds = {r.kind for r in self.rewards}
+        code = self.data.train.split(":")[0] in ("synthetic_code", "mbpp")
+        if "code" in kinds and not code:
+            raise ValueError(f"rewards: kind=code needs code prompts, not data.train="
+                             f"{self.data.train}")
+        if "answer" in kinds and code:
+            raise ValueError("rewards: kind=answer scores GSM8K answers; data.train is code")
+        if self.loss.beta > 0 and (self.loss.kl == "none" or self.ref.kind == "none"):
+            raise ValueError("loss.beta > 0 needs a KL estimator (loss.kl) and a reference "
+                             "(ref.kind); set loss.beta=0 to train without one")
+        if self.train.micro_batch_size > self.rollout.group_size * self.rollout.prompts_per_step:
+            raise ValueError("train.micro_batch_size is more sequences than a step samples "
+                             "(rollout.group_size * rollout.prompts_per_step)")
+        return self

@@ -1,0 +1,412 @@
+"""Group relative policy optimisation and its modern variants (DAPO, Dr. GRPO, GSPO), on the
+one loop, with verifiable rewards.
+
+    lmforge grpo configs/grpo/tiny.yaml model.path=runs/demo/sft/final
+
+A round: P prompts, G completions each from the rollout engine (token ids and the sampling
+policy's log-probs, never re-tokenized), the reward functions (code runs only in the sandbox),
+advantages within each group, then `mu` optimizer steps on that batch with the policy loss,
+whose choices (ratio level, clipping, aggregation, KL estimator, importance correction) are
+independent config fields. Groups whose rewards are all equal carry no signal: with
+`dynamic_sampling_rounds` they are dropped and more prompts sampled in their place (counted).
+
+Exact resume: a round's prompts and sampling seed are functions of (seed, round) alone, and a
+round still being optimized on (mu > 1) is saved with the checkpoint, so an interrupted and
+resumed run repeats the uninterrupted one's metrics and weights.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from lmforge import sandbox
+from lmforge.chat import Rendered
+from lmforge.data.sft import collate, lm_logits, pack_rows
+from lmforge.errors import UserError
+from lmforge.eval.harness import Generator
+from lmforge.io import atomic_write_text, read_jsonl
+from lmforge.losses.lm import token_logps
+from lmforge.losses.policy import policy_loss, token_entropy, weight_of
+from lmforge.models import config_summary, export_peft, load_model, resolve_model_dir
+from lmforge.rl.advantages import group_advantages, rloo_advantages, whiten
+from lmforge.rl.config import GrpoCfg
+from lmforge.rl.rewards import Answer, Env, score_rollouts
+from lmforge.rl.rollout import Engine, Rollouts, SamplingCfg, make_engine
+from lmforge.stages.dpo import heldout_pass_at_1, load_policy
+from lmforge.train.loop import Task, train
+from lmforge.train.precision import make_precision
+from lmforge.train.reference import live_reference
+
+Batch = dict[str, torch.Tensor]
+ADVANTAGES = {
+    "group_std": lambda r, g: group_advantages(r, g, scale="std"),
+    "group_mean": lambda r, g: group_advantages(r, g, scale="none"),
+    "rloo": rloo_advantages,
+}
+
+# --------------------------------------------------------------------------- prompts
+
+
+def load_items(cfg: GrpoCfg) -> list[Any]:
+    """Training prompts only: a held-out problem here would inflate every later evaluation."""
+    kind, _, source = cfg.data.train.partition(":")
+    d = cfg.data
+    if kind == "synthetic_code":
+        from lmforge.tasks.synthetic_code import make_splits, to_code_items
+
+        t = cfg.task
+        items = to_code_items(make_splits(t.seed, t.n_train, t.n_eval).train[:d.limit],
+                              signature_prefill=d.signature_prefill)
+    elif kind == "mbpp":
+        from lmforge.tasks.mbpp import load_mbpp
+
+        items = load_mbpp(source or None, split=d.split, n_shot=0, limit=d.limit)
+    elif kind == "gsm8k":
+        from lmforge.tasks.gsm8k import load_gsm8k
+
+        items = load_gsm8k(source or None, split=d.split, n_shot=0, limit=d.limit)
+    else:
+        raise UserError(f"data.train: {cfg.data.train!r} is not synthetic_code, "
+                        "mbpp[:PATH|HUB_ID] or gsm8k[:PATH|HUB_ID]")
+    if d.split == "test" and kind != "synthetic_code":
+        print("grpo: warning: data.split=test is what evaluations measure; training on it "
+              "contaminates them")
+    if not items:
+        raise UserError(f"data.train: no prompts ({cfg.data.train}, split {d.split})")
+    return items
+
+
+# --------------------------------------------------------------------------- a round
+
+ROLLOUTS = "rollouts.jsonl"
+
+
+def item_id(item: Any) -> str:
+    return str(item.task_id)
+
+
+def dedupe_rounds(path: Path) -> None:
+    """Keep each round's last block of rows: a resumed run redraws the rounds made after its
+    checkpoint, and those redraws (identical, by construction) replace the first ones."""
+    if not path.exists():
+        return
+    blocks: dict[int, list[dict[str, Any]]] = {}
+    current = None
+    for r in read_jsonl(path):
+        if r["round"] != current:
+            current = r["round"]
+            blocks[current] = []
+        blocks[current].append(r)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for k in sorted(blocks) for r in blocks[k]))
+
+
+@dataclass
+class Round:
+    index: int
+    batches: list[Batch]  # the micro-batches, each a packed batch + its rollout tensors
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Rounds:
+    """Round k's rollouts, rewards, advantages and micro-batches, as a function of
+    (seed, k, the policy's weights)."""
+
+    def __init__(self, cfg: GrpoCfg, items: list[Any], prompts: list[list[int]],
+                 engine: Engine, env: Env, pad_id: int) -> None:
+        self.cfg, self.items, self.prompts, self.engine, self.env = cfg, items, prompts, engine, env
+        self.pad_id = pad_id
+        self.log_path = cfg.run.dir / ROLLOUTS
+        r = cfg.rollout
+        self.sampling = SamplingCfg(r.max_new_tokens, r.temperature, r.top_k, r.top_p,
+                                    tuple(items[0].stop), r.batch_size)
+
+    def item_at(self, i: int) -> int:
+        """The i-th prompt of the stream: epoch after epoch, each in its own seeded order."""
+        n = len(self.items)
+        perm = np.random.default_rng([self.cfg.train.seed, i // n]).permutation(n)
+        return int(perm[i % n])
+
+    def make(self, k: int) -> Round:
+        cfg, G, P = self.cfg, self.cfg.rollout.group_size, self.cfg.rollout.prompts_per_step
+        t_gen = t_rew = 0.0
+        kept: list[tuple[int, Rollouts, list[float], dict[str, list[float]]]] = []
+        last: list[tuple[int, Rollouts, list[float], dict[str, list[float]]]] = []
+        dropped = refills = 0
+        picks = [self.item_at(k * P + j) for j in range(P)]
+        refill_rng = random.Random(f"{cfg.train.seed}/{k}/refill")
+        for attempt in range(1 + cfg.dynamic_sampling_rounds):
+            t0 = time.perf_counter()
+            seed = np.random.SeedSequence([cfg.train.seed, k, attempt]).generate_state(1)[0]
+            g = torch.Generator().manual_seed(int(seed))
+            ro = self.engine.generate([self.prompts[i] for i in picks for _ in range(G)],
+                                      self.sampling, g)
+            t1 = time.perf_counter()
+            answers = [Answer(self.items[picks[j // G]], ro.texts[j], int(ro.mask[j].sum()))
+                       for j in range(len(ro.texts))]
+            total, parts = score_rollouts(cfg.rewards, answers, self.env)
+            t_gen, t_rew = t_gen + t1 - t0, t_rew + time.perf_counter() - t1
+            last = []
+            for q, item in enumerate(picks):
+                sl = slice(q * G, (q + 1) * G)
+                group = (item, ro.rows(range(sl.start, sl.stop)), total[sl],
+                         {kk: v[sl] for kk, v in parts.items()})
+                last.append(group)
+                if cfg.dynamic_sampling_rounds and max(total[sl]) == min(total[sl]):
+                    dropped += 1
+                else:
+                    kept.append(group)
+            if len(kept) >= P or attempt == cfg.dynamic_sampling_rounds:
+                break
+            refills += 1
+            picks = refill_rng.sample(range(len(self.items)), min(P - len(kept), len(self.items)))
+        groups = kept[:P] or last  # nothing had signal: train on the last draw (its KL only)
+        rnd = self._batch(k, groups)
+        rnd.metrics.update({"time/gen_s": t_gen, "time/reward_s": t_rew,
+                            "groups/dropped": float(dropped), "groups/refills": float(refills),
+                            "groups/kept": float(len(kept[:P]) if kept else 0)})
+        return rnd
+
+    def _batch(self, k: int, groups: list[tuple[int, Rollouts, list[float], dict[str, list[float]]]]
+               ) -> Round:
+        cfg, G = self.cfg, self.cfg.rollout.group_size
+        ro = Rollouts.cat([g[1] for g in groups], self.pad_id)
+        rewards = torch.tensor([r for g in groups for r in g[2]], dtype=torch.float64)  # (N,)
+        adv = ADVANTAGES[cfg.advantage.kind](rewards, G)
+        if cfg.advantage.whiten:
+            adv = whiten(adv)
+        self._log(k, groups, ro, rewards, adv)
+        micro = cfg.train.micro_batch_size
+        batches = [self._micro(ro.rows(range(s, min(s + micro, len(rewards)))),
+                               adv[s:s + micro], seed=cfg.train.seed + k)
+                   for s in range(0, len(rewards), micro)]
+        return Round(k, batches, _round_metrics(cfg, ro, rewards, groups))
+
+    def _log(self, k: int, groups: list[Any], ro: Rollouts, rewards: torch.Tensor,
+             adv: torch.Tensor) -> None:
+        """Every rollout of the round, for reading what the policy wrote and what it earned."""
+        G, j = self.cfg.rollout.group_size, 0
+        with self.log_path.open("a", encoding="utf-8") as f:
+            for item, _, _, parts in groups:
+                for i in range(G):
+                    f.write(json.dumps({
+                        "step": k * self.cfg.mu + 1, "round": k, "task_id": item_id(self.items[item]),
+                        "text": ro.texts[j], "tokens": int(ro.mask[j].sum()), "finish": ro.finish[j],
+                        "reward": float(rewards[j]), "rewards": {kk: v[i] for kk, v in parts.items()},
+                        "advantage": float(adv[j])}) + "\n")
+                    j += 1
+
+    def _micro(self, ro: Rollouts, adv: torch.Tensor, seed: int) -> Batch:
+        """Prompt + completion of each rollout packed padding-free into rows (each sequence
+        its own positions from 0, as sampled), with its completion tensors."""
+        seqs = [Rendered(p + ro.completion(i), [0] * len(p) + [1] * int(ro.mask[i].sum()))
+                for i, p in enumerate(ro.prompts)]
+        lengths = [len(s.ids) - 1 for s in seqs]
+        rows = pack_rows(lengths, max(lengths), seed)
+        b = collate(seqs, rows, self.pad_id, seq_ids=list(range(len(seqs))))
+        b.update({"completion_mask": ro.mask, "rollout_logps": ro.logps,
+                  "advantages": adv.float()})
+        return b
+
+
+def _round_metrics(cfg: GrpoCfg, ro: Rollouts, rewards: torch.Tensor,
+                   groups: list[Any]) -> dict[str, float]:
+    m = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+         "groups/zero_signal": float(sum(max(g[2]) == min(g[2]) for g in groups)),
+         "completion/len": float(ro.lengths.float().mean()),
+         "completion/truncated": sum(f == "length" for f in ro.finish) / max(len(ro.finish), 1)}
+    for kind in groups[0][3]:
+        v = torch.tensor([x for g in groups for x in g[3][kind]], dtype=torch.float64)
+        m[f"reward/{kind}/mean"] = float(v.mean())
+        m[f"reward/{kind}/std"] = float(v.std()) if len(v) > 1 else 0.0
+    if "code" in groups[0][3]:  # all tests passed, whichever mode the reward used
+        m["pass_rate"] = float((torch.tensor([x for g in groups for x in g[3]["code"]]) == 1).double().mean())
+    return m
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def completion_logps(model: torch.nn.Module, b: Batch, temperature: float,
+                     entropy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(n, L) log-probs of each rollout's completion tokens under `model` at `temperature`
+    (the sampling distribution's), aligned with `completion_mask`; and their entropies
+    (entropy=True: with a graph, for a bonus; False: without, as a metric; None: not at all)."""
+    logits = lm_logits(model, b)  # (R, T, V)
+    sel = b["seq_ids"] >= 0
+    order = torch.argsort(b["seq_ids"][sel], stable=True)  # sequence by sequence, in order
+    flat = logits[sel][order]  # (n_tokens, V): completion positions only
+    if temperature != 1.0:
+        flat = flat / temperature
+    mask = b["completion_mask"].bool()
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device)
+    out = out.masked_scatter(mask, token_logps(flat, b["targets"][sel][order]).float())
+    if entropy is None:
+        return out, None
+    with torch.set_grad_enabled(entropy and torch.is_grad_enabled()):
+        ent = torch.zeros_like(out).masked_scatter(mask, token_entropy(flat).float())
+    return out, ent
+
+
+def grpo_task(cfg: GrpoCfg, model: PreTrainedModel, rounds: Rounds, ref: Any,
+              device: torch.device, autocast: Any) -> Task:
+    L = cfg.loss
+    is_on = L.is_correction == "on" or (L.is_correction == "auto" and cfg.rollout.backend != "hf")
+    T = cfg.rollout.temperature
+    # Dr. GRPO divides each sequence's token sum by the longest a completion can be
+    max_tokens = cfg.rollout.max_new_tokens if L.aggregation == "seq_mean_token_sum_norm" else None
+    state: dict[str, Any] = {"round": None, "ready": 0.0, "fresh": True}
+
+    def batches(step: int) -> list[Batch]:
+        if state["fresh"]:  # not resumed: nothing an earlier run logged may mix in
+            rounds.log_path.unlink(missing_ok=True)
+            state["fresh"] = False
+        k = step // cfg.mu
+        rnd = state["round"]
+        if rnd is None or rnd.index != k:
+            rnd = rounds.make(k)
+            if cfg.mu > 1:  # the ratio's denominator: the policy as it sampled, before pass 1
+                for b in rnd.batches:  # in the step's precision, so pass 1's ratio is 1
+                    with torch.no_grad(), autocast():
+                        b["old_logps"] = completion_logps(model, _on(b, device), T)[0].cpu()
+            state["round"] = rnd
+        else:
+            rnd.metrics.update({"time/gen_s": 0.0, "time/reward_s": 0.0})
+        state["ready"] = time.perf_counter()
+        return rnd.batches
+
+    def step(b: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        b = _on(b, device)
+        logps, ent = completion_logps(model, b, T, entropy=L.entropy_coef > 0)
+        mask = b["completion_mask"]
+        old = b["old_logps"] if "old_logps" in b else logps.detach()
+        ref_logps = ref(b) if ref is not None else None
+        loss, m = policy_loss(
+            logps, old, b["advantages"], mask, ratio_level=L.ratio_level, clip_low=L.clip_low,
+            clip_high=L.clip_high, aggregation=L.aggregation,
+            max_tokens=max_tokens, ref_logps=ref_logps, kl=L.kl, beta=L.beta,
+            entropies=ent, entropy_coef=L.entropy_coef,
+            rollout_logps=b["rollout_logps"], is_cap=L.is_cap if is_on else None)
+        return loss, m
+
+    def after_step() -> dict[str, float]:
+        t0 = time.perf_counter()
+        rounds.engine.sync(model)
+        return {**state["round"].metrics, "time/train_s": t0 - state["ready"],
+                "time/sync_s": time.perf_counter() - t0}
+
+    def save() -> dict[str, Any]:
+        rnd = state["round"]
+        if cfg.mu == 1 or rnd is None:
+            return {}
+        return {"index": rnd.index, "batches": rnd.batches, "metrics": rnd.metrics}
+
+    def load(st: dict[str, Any]) -> None:
+        state["fresh"] = False
+        if st:
+            state["round"] = Round(st["index"], st["batches"], st["metrics"])
+
+    agg = L.aggregation
+    return Task(step=step, batches=batches, weight=lambda b: weight_of(b["completion_mask"], agg),
+                tokens=lambda b: int(b["valid"].sum()), after_step=after_step, state=save,
+                load_state=load)
+
+
+def _on(b: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) for k, v in b.items()}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def reference(cfg: GrpoCfg, model: PreTrainedModel) -> tuple[Any, str]:
+    """The KL term's reference, or none (beta 0 needs none: nothing is computed or held)."""
+    if cfg.loss.beta == 0 or cfg.loss.kl == "none" or cfg.ref.kind == "none":
+        return None, "none (loss.beta = 0)"
+    explicit = load_model(cfg.ref.model, cfg.model.trust_remote_code) if cfg.ref.model else None
+    if explicit is not None:
+        explicit.to(next(model.parameters()).device)
+    adapters = cfg.lora.method != "full" and cfg.ref.kind == "auto"
+    T = cfg.rollout.temperature
+    fn, how = live_reference(model, explicit, adapters,
+                             score=lambda m, b: completion_logps(m, b, T)[0])
+    return fn, how
+
+
+def main(cfg: GrpoCfg) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    model, tokenizer, fmt = load_policy(cfg)  # type: ignore[arg-type]
+    model.to(device)
+    precision = make_precision(cfg.train.precision, device.type)
+    items = load_items(cfg)
+    gen = Generator(model, tokenizer, chat=True)
+    room = gen.context - cfg.rollout.max_new_tokens
+    if room < 1:
+        raise UserError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room "
+                        f"for a prompt in the model's {gen.context}-token context")
+    prompts = [gen.prompt_ids(it.prompt, getattr(it, "head", ""))[-room:] for it in items]
+    engine = make_engine(cfg.rollout.backend, model, tokenizer, gen.stop_ids, gen.pad,
+                         precision.autocast, _vllm_args(cfg))
+    limits = sandbox.Limits(timeout_s=cfg.sandbox.timeout_s, memory_mb=cfg.sandbox.memory_mb)
+    rounds = Rounds(cfg, items, prompts, engine, Env(limits, cfg.sandbox.workers), gen.pad)
+    ref, how = reference(cfg, model)
+    info = config_summary(model)
+    r = cfg.rollout
+    print(f"{cfg.run.dir.name}: {cfg.lora.method} on {info['model_type']}, trainable "
+          f"{info['trainable_params']:,} of {info['params']:,}; {len(items):,} prompts, "
+          f"{r.prompts_per_step} x {r.group_size} rollouts per round, mu={cfg.mu}, backend "
+          f"{r.backend}; loss: ratio {cfg.loss.ratio_level}, clip ({cfg.loss.clip_low}, "
+          f"{cfg.loss.clip_high}), {cfg.loss.aggregation}, kl {cfg.loss.kl} x {cfg.loss.beta}; "
+          f"advantages {cfg.advantage.kind}; reference: {how}")
+    task = grpo_task(cfg, model, rounds, ref, device, precision.autocast)
+    if cfg.lora.method != "full":
+        base = resolve_model_dir(cfg.model.path)  # type: ignore[arg-type]
+        task.export = lambda out: export_peft(model, out, tokenizer, base)
+    res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
+    dedupe_rounds(cfg.run.dir / ROLLOUTS)
+    rows = [x for x in read_jsonl(cfg.run.dir / "metrics.jsonl") if "reward/mean" in x]
+    return {**info, "method": cfg.lora.method, **res.facts(), "reference": how,
+            "rollouts": {"prompts": len(items), "per_step": r.prompts_per_step * r.group_size,
+                         "backend": r.backend},
+            "curve": _curve(rows), "time_per_step_s": _time_split(rows),
+            "final_dir": str(res.final_dir),
+            **heldout_pass_at_1(cfg, fmt, precision, res, device)}  # type: ignore[arg-type]
+
+
+def _vllm_args(cfg: GrpoCfg) -> dict[str, Any]:
+    r = cfg.rollout
+    return {"gpu_memory_utilization": r.gpu_memory_utilization, "dtype": r.vllm_dtype,
+            "max_model_len": None, "seed": cfg.train.seed}
+
+
+def _curve(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Reward, pass rate and KL at the start and the end (means of the first and last
+    quarter of the logged rows), so a summary says whether RL moved anything."""
+    if not rows:
+        return {}
+    q = max(1, len(rows) // 4)
+
+    def mean(rs: list[dict[str, Any]], key: str) -> float | None:
+        v = [x[key] for x in rs if key in x]
+        return round(sum(v) / len(v), 4) if v else None
+
+    keys = ("reward/mean", "pass_rate", "kl", "completion/len", "clip_frac", "entropy")
+    return {"first": {k: mean(rows[:q], k) for k in keys}, "last": {k: mean(rows[-q:], k) for k in keys}}
+
+
+def _time_split(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds per step generating, rewarding, training and syncing the engine (each
+    logged row holds its interval's mean)."""
+    keys = ("time/gen_s", "time/reward_s", "time/train_s", "time/sync_s")
+    return {k.split("/")[1].removesuffix("_s"): round(sum(x.get(k, 0.0) for x in rows) / len(rows), 3)
+            for k in keys} if rows else {}
