@@ -1,20 +1,30 @@
 """Run untrusted programs (anything a model wrote) out of process, contained.
 
-`run(code)` runs a program through `sandbox_boot.py` in its own session and process group with
-a wall-clock timeout that kills the group, rlimits (CPU, address space, processes, file size,
-open files), a fresh temporary working directory that is removed afterwards, a minimal
-environment, stdin closed and output capped. Where the kernel permits (unprivileged user
-namespaces), it adds a network namespace (no network at all), a read-only view of the whole
-filesystem but the work directory, and a PID namespace whose end kills every process the
-program left behind. Run as root, the program runs as an unprivileged uid of its own (one per
-concurrent slot, so RLIMIT_NPROC binds and one run's fork bomb cannot starve another).
+`run(code)` runs a program in its own session with a wall-clock timeout, rlimits (CPU,
+address space, processes, file size, open files), a fresh working directory that is removed
+afterwards, a minimal environment, stdin closed and output capped. Where the kernel permits
+(unprivileged user namespaces), it adds a network namespace (no network at all), a read-only
+view of the whole filesystem but the work directory, and a PID namespace whose end kills
+every process the program left behind. Run as root, the program runs as an unprivileged uid
+of its own (one per concurrent slot, so RLIMIT_NPROC binds and one run's fork bomb cannot
+starve another).
+
+With namespaces (`Limits.namespaces`, the default), runs go to pre-forked workers
+(`sandbox_pool`): each run is a fork of an interpreter that was started once, isolated once,
+and never runs program code itself; after each run every process of the worker's PID
+namespace is killed and its files (a tmpfs of the worker's own) removed before the next. A
+worker holds its uid, namespaces, read-only view, capabilities and seccomp filter for its
+life; the run gets its rlimits, work dir, output files and pass token. Workers start lazily,
+are reused across calls and end at exit. Where the workers' isolation cannot be had (no
+namespaces, no hidden /proc), and with `namespaces=False`, each run starts from scratch
+through `sandbox_boot.py` (the one-shot path), as weak as the kernel leaves it.
 
 Each `Result` records the isolation reached: `strong` when the network, filesystem and PID
 layers all held, else `weak` with the layers that did. A pass means the program ran to its
 end: the boot process says so on its report pipe, which the program's processes cannot write
 or read, and only once the program's process has revealed a token it drew before the program
-started and that no program code can reach (sandbox_boot's docstring has the argument and the
-gap that remains). So `sys.exit(0)` or `os._exit(0)` before the asserts is not a pass, and
+started and that no program code can reach (sandbox_runner's docstring has the argument and
+the gap that remains). So `sys.exit(0)` or `os._exit(0)` before the asserts is not a pass, and
 nothing the program prints is one. Without namespaces and without root (a weak level), the
 program runs as the caller's user with the caller's files writable: there a pass is only as
 trustworthy as the program's restraint.
@@ -22,10 +32,11 @@ trustworthy as the program's restraint.
 
 from __future__ import annotations
 
-import io
+import atexit
 import marshal
 import os
 import queue
+import select
 import shutil
 import signal
 import subprocess
@@ -41,10 +52,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from lmforge import sandbox_pool
 from lmforge.errors import UserError
 
 # the boot reads uids the same way; it imports nothing of lmforge, so the parent takes its copy
 from lmforge.sandbox_boot import real_uid
+from lmforge.sandbox_pool import Outcome, Pool, Unavailable, WorkerGone, _records
 
 Status = Literal["passed", "failed", "timeout", "error"]
 _BOOT = str(Path(__file__).with_name("sandbox_boot.py"))
@@ -64,6 +77,7 @@ class Limits:
     output_bytes: int = 4096
     cpu_s: int | None = None
     namespaces: bool = True  # False: rlimits, uid and process group only (the weak fallback)
+    prefork: bool = True  # False: every run starts from scratch, even where workers could serve
 
     def check(self) -> None:
         for name in ("timeout_s", "memory_mb", "nproc", "fsize_mb", "nofile", "output_bytes"):
@@ -118,6 +132,54 @@ def _interpreter_dirs() -> list[str]:
 _SLOTS: queue.Queue[int] = queue.Queue()
 for _i in range(64):
     _SLOTS.put(_i)
+_POOL_LOCK = threading.Lock()
+_POOL: Pool | None = None
+
+
+def _uid_of(slot: int) -> int | None:
+    return _UID_BASE + slot if os.geteuid() == 0 else None
+
+
+def _pool() -> Pool:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = Pool(_SLOTS, _uid_of, _interpreter_dirs)
+        return _POOL
+
+
+def close_pool() -> None:
+    """End every pre-forked worker now (this happens at exit by itself); the next run that
+    needs one starts it."""
+    global _POOL
+    with _POOL_LOCK:
+        pool, _POOL = _POOL, None
+    if pool is not None:
+        pool.shutdown()
+
+
+def pool_pids() -> set[int]:
+    """The pre-forked workers' own processes (boot and zygote): nothing else of the sandbox
+    lives between runs."""
+    pool = _POOL
+    return pool.pids() if pool is not None else set()
+
+
+def _forget_pool() -> None:
+    """In a forked child: the workers are the parent's, and a lock another thread held at the
+    fork stays held here forever, so start over (keeping the slots the parent had taken)."""
+    global _POOL, _POOL_LOCK, _SLOTS
+    if _POOL is not None:
+        _POOL.forget()
+    _POOL, _POOL_LOCK = None, threading.Lock()
+    free: queue.Queue[int] = queue.Queue()
+    for slot in list(_SLOTS.queue):
+        free.put(slot)
+    _SLOTS = free
+
+
+atexit.register(close_pool)
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _tail(data: bytes, limit: int) -> str:
@@ -188,42 +250,51 @@ def _classify(rc: int | None, done: dict[str, Any]) -> tuple[Status, str]:
 
 
 class _Batch:
-    """The process groups one `run_many` call has running, so that an interrupt can end them
-    all at once (their work dirs then go at once too, not after their timeouts)."""
+    """What one `run_many` call has running, each with a way to stop it, so that an interrupt
+    ends them all at once (their work dirs then go at once too, not after their timeouts)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.live: set[int] = set()
+        self.live: dict[int, Callable[[], None]] = {}
         self.stopped = False
 
-    def add(self, pgid: int) -> bool:
-        """Register a started group; False once stopped (the caller kills it itself: no
-        program started during a stop can slip past it)."""
+    def add(self, key: int, stop: Callable[[], None]) -> bool:
+        """Register a started run; False once stopped (the caller stops it itself: no program
+        started during a stop can slip past it)."""
         with self.lock:
             if not self.stopped:
-                self.live.add(pgid)
+                self.live[key] = stop
             return not self.stopped
 
-    def discard(self, pgid: int) -> None:
+    def discard(self, key: int) -> None:
         with self.lock:
-            self.live.discard(pgid)
+            self.live.pop(key, None)
 
     def stop(self) -> None:
         with self.lock:
             self.stopped = True
-            groups = list(self.live)
-        for pgid in groups:
-            _kill(pgid, None)
+            stops = list(self.live.values())
+        for stop in stops:
+            stop()
 
 
 def run(code: str, limits: Limits | None = None) -> Result:
     """Run one program; a pass means it ran to its end (see the module docstring)."""
     limits = limits or Limits()
     limits.check()
-    return _run_in_slot(code, limits, None)
+    return _run_any(code, limits, None)
 
 
-def _run_in_slot(code: str, limits: Limits, batch: _Batch | None) -> Result:
+def _run_any(code: str, limits: Limits, batch: _Batch | None) -> Result:
+    """On a pre-forked worker where workers can be had, else one shot."""
+    if limits.namespaces and limits.prefork:
+        for _ in range(2):  # a worker that died while idle is replaced, once
+            try:
+                return _run_pooled(code, limits, batch)
+            except (Unavailable, sandbox_pool.StartFailed):
+                break
+            except WorkerGone:
+                continue
     slot = _SLOTS.get()  # a uid of its own for as long as it runs
     try:
         return _run(code, limits, slot, batch)
@@ -231,7 +302,30 @@ def _run_in_slot(code: str, limits: Limits, batch: _Batch | None) -> Result:
         _SLOTS.put(slot)
 
 
+def _run_pooled(code: str, limits: Limits, batch: _Batch | None) -> Result:
+    pool = _pool()
+    worker = pool.acquire()
+    t0 = time.perf_counter()
+    try:
+        if batch is not None and not batch.add(id(worker), worker.kill):
+            out = Outcome(None, {}, b"", b"", "interrupted before it started")
+        else:
+            try:
+                out = worker.run(code, limits.rlimits(), limits.timeout_s, limits.output_bytes)
+            except BaseException:
+                worker.kill()  # interrupted while it runs: the program must not outlive the call
+                raise
+            finally:
+                if batch is not None:
+                    batch.discard(id(worker))
+    finally:
+        pool.release(worker)
+    return _result(out.rc, out.done, time.perf_counter() - t0, worker.layers, worker.notes,
+                   out.stdout, out.stderr, limits, out.error)
+
+
 def _run(code: str, limits: Limits, slot: int, batch: _Batch | None = None) -> Result:
+    """The one-shot path: a boot process (and a fresh interpreter) for this run alone."""
     uid = _UID_BASE + slot if os.geteuid() == 0 else None
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -259,7 +353,7 @@ def _run(code: str, limits: Limits, slot: int, batch: _Batch | None = None) -> R
             finally:
                 os.close(report_w)
             with proc:
-                if batch is not None and not batch.add(proc.pid):
+                if batch is not None and not batch.add(proc.pid, lambda: _kill(proc.pid, None)):
                     _kill(proc.pid, None)  # the batch is stopping: this one must not run
                 try:
                     rc, info, done = _supervise(proc, report_r, marshal.dumps(
@@ -274,24 +368,36 @@ def _run(code: str, limits: Limits, slot: int, batch: _Batch | None = None) -> R
         if uid is not None and not info.get("layers", {}).get("pid_ns"):
             _reap_uid(uid)
         shutil.rmtree(workdir, ignore_errors=True)
-    err_text = _tail(stderr, limits.output_bytes)
-    status, reason = _classify(rc, done)
-    layers = info.get("layers", {"unprivileged": False})
-    level = "strong" if all(layers.get(k) for k in _STRONG) and layers.get("unprivileged") else "weak"
-    return Result(status=status, stderr=err_text, duration_s=round(duration, 4),
-                  isolation=Isolation(level, layers, tuple(info.get("notes", ()))),
+    return _result(rc, done, duration, info.get("layers", {"unprivileged": False}),
+                   info.get("notes", ()), stdout, stderr, limits)
+
+
+def _result(rc: int | None, done: dict[str, Any], duration: float, layers: dict[str, bool],
+            notes: Sequence[str], stdout: bytes, stderr: bytes, limits: Limits,
+            error: str = "") -> Result:
+    status, reason = ("error", error) if error else _classify(rc, done)
+    strong = all(layers.get(k) for k in _STRONG) and layers.get("unprivileged")
+    return Result(status=status, stderr=_tail(stderr, limits.output_bytes),
+                  duration_s=round(duration, 4),
+                  isolation=Isolation("strong" if strong else "weak", layers, tuple(notes)),
                   stdout=_tail(stdout, limits.output_bytes).rstrip("\n"), reason=reason)
 
 
-def _records(data: bytes) -> list[dict[str, Any]]:
-    """The boot process's report: marshalled dicts, one after another."""
-    out, f = [], io.BytesIO(data)
-    while f.tell() < len(data):
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """The boot's exit code, None after `timeout`: woken by the exit itself (a pidfd), not by
+    Popen.wait's polling, whose growing sleeps cost a short run up to 50 ms."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
         try:
-            out.append(marshal.load(f))
-        except (EOFError, ValueError, TypeError):
-            break
-    return out
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    return proc.wait() if ready else None
 
 
 def _supervise(proc: subprocess.Popen[bytes], report_r: int, payload: bytes,
@@ -310,10 +416,7 @@ def _supervise(proc: subprocess.Popen[bytes], report_r: int, payload: bytes,
             proc.stdin.close()  # type: ignore[union-attr]
         except BrokenPipeError:
             pass
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
+        rc = _wait(proc, timeout)
     finally:
         _kill(proc.pid, None)
         proc.wait()
@@ -335,7 +438,7 @@ def run_many(programs: Sequence[str], limits: Limits | None = None, *, workers: 
     batch = _Batch()
 
     def one(code: str) -> Result:
-        r = _run_in_slot(code, limits, batch)
+        r = _run_any(code, limits, batch)
         if progress is not None:
             progress(1)
         return r

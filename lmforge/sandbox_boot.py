@@ -1,10 +1,11 @@
-"""The sandbox's trusted first process: isolate, fork the program's process, report.
+"""The sandbox's trusted first process: isolate, start the program's interpreter, report.
 
-Run by `lmforge.sandbox` as `python -I -S sandbox_boot.py` with its configuration and the
-program (marshal) on stdin and the write end of a report pipe (its number in the configuration).
+Run by `lmforge.sandbox` as `python -I -S sandbox_boot.py [--pool]` with its configuration
+(marshal) on stdin and the write end of a report pipe (its number in the configuration).
 Standard library only and no lmforge imports: `-S` keeps site-packages off the path, and
 everything is imported before privileges are dropped (the interpreter may live where the
-unprivileged user cannot read).
+unprivileged user cannot read). This process uses ctypes; the interpreter that runs the
+program (`sandbox_runner.py`, whose docstring has the pass token's argument) never does.
 
 Order matters:
 1. as root, open handles to the interpreter's directories, then drop to the run's own uid
@@ -14,198 +15,38 @@ Order matters:
 3. make the whole filesystem read-only except the work directory, re-exposing the
    interpreter's directories if a parent directory (e.g. /root) hid them from that uid;
 4. stop being dumpable, then fork: the child is PID 1 of the new PID namespace, so when it
-   exits the kernel kills every process it left behind (daemons included); it sets rlimits,
-   drops capabilities, hides /proc and installs the seccomp filter; then the program's process
-   (its child, or itself without a PID namespace) execs this file again as the runner
-   (`--run`), a fresh interpreter that runs the program;
-5. wait for it and report its wait status, and whether it ran to its end.
+   exits the kernel kills every process it left behind (daemons included); it hides /proc,
+   drops capabilities and installs the seccomp filter;
+5. report the layers that held, and the end.
 
-The pass signal, and who knows what:
-- The supervisor knows no secret. It takes a pass only from this process's report pipe, which
-  no process that runs program code holds a write end of (the child closes it first). This
-  process is not dumpable from before the fork and the program's processes hold no
-  capabilities, so the kernel refuses them ptrace, /proc/<pid>/mem and /proc/<pid>/fd on it
-  (in a PID namespace it is not even visible). Printing anything proves nothing.
-- The runner draws a 16-byte token right before the program starts and writes it to the done
-  pipe (the commit: nothing else has run in that process, so these are the pipe's first
-  bytes). From then on the token exists only in the closure of `prove`, which `_run_program`
-  calls once `exec` has returned normally, i.e. after the program's last statement (a module
-  has no early return; tracers, which could jump over lines, are refused). `prove` writes the
-  token again (the reveal). This process reports `ran_to_end` when the program's process
-  exited 0 and the reveal directly follows the commit (one guess, not one per written byte).
-- Why that is not the whole story: the final statement runs in the program's own process, with
-  no capability the program lacks (a process's capabilities only ever shrink), so anything it
-  does the program could do first, if it had the token. The token is therefore put out of the
-  program's reach. Within the process: the runner is a fresh interpreter that has never
-  loaded ctypes (whose pointer types read any address without an audit event, which is why
-  the program does not run in this process's interpreter), and an audit hook, which cannot be
-  removed, refuses every other route CPython offers from Python code to the token: frames,
-  tracers, the object graph, ctypes and the test-only C modules, new interpreters, paths through
-  /proc (see `_seal`); seccomp refuses installing signal handlers, which CPython hands the
-  interrupted frame without an audit event. From other processes: seccomp refuses ptrace and
-  process_vm_readv; in a PID namespace /proc is an empty tmpfs, elsewhere seccomp refuses
-  starting any other program, so every process of the run is the runner or a fork of it,
-  under the hook. What remains: code that
-  corrupts the interpreter's memory (crafted bytecode, a CPython bug) gets past any in-process
-  guard; only tests that run in a process the answer never touches would not. And without
-  namespaces and without root the program runs as the caller, who is then not protected.
+One shot (the default): stdin also holds the program. PID 1 sets the run's rlimits, forks the
+program's process, which execs `sandbox_runner.py --run` (a fresh interpreter that runs the
+program), and reaps until it ends; this process then reports its wait status and whether it
+ran to its end (its done pipe).
+
+Pool (`--pool`): a pre-forked worker that serves many runs. Its work directory gets a tmpfs of
+the worker's own (size-capped; every run's files live and die there), and PID 1 execs
+`sandbox_runner.py --zygote`, which serves runs on a control socket the parent passed in:
+each run a fork of that interpreter, with the run's rlimits. The uid, the namespaces, the
+read-only view, the dropped capabilities and the seccomp filter are the worker's; as the
+namespaces outlive a run, the filter also refuses the System V IPC, POSIX message queue and
+keyring calls, whose objects would outlive it too. This process reports the layers and the
+zygote's pid, then watches both ends: when the parent goes (stdin closes) it kills the zygote,
+and with it the namespaces; when the zygote ends, it reports that and exits.
 """
 
 from __future__ import annotations
 
+import _signal
+import ctypes
+import marshal
 import os
+import resource
 import sys
-from _collections_abc import Callable
 
-TOKEN_BYTES = 16
-SETUP_FAILED = 4  # exit codes 0-3 are the program's (see _run_program), 128+N a signal
-# what solutions to MBPP/HumanEval-style problems import; see _runner
-_COMMON = ("array bisect collections copy datetime decimal fractions functools hashlib heapq "
-           "itertools math operator random re socket statistics string sys typing "
-           "unicodedata").split()
-
-
-# -- the runner: the program's process, a fresh interpreter that never loads ctypes ----------
-
-
-class Refused(ValueError):
-    """What the seal's audit hook raises. A ValueError, as `sys._getframe` raises one when there
-    is no frame: the stdlib's fallbacks for that (namedtuple, typing, enum, logging) still work."""
-
-
-def _seal(done: int) -> Callable[[], None]:
-    """Commit a fresh token to the done pipe and return `prove`, its only holder, which reveals
-    it; then put the token out of the program's reach with an audit hook (module docstring).
-
-    The hook refuses frames (sys._getframe & co, the frames of tracebacks and generators,
-    tracers), the object graph (gc), ctypes and the test-only C modules, native code from
-    anywhere but the interpreter's own directories (an extension module the program wrote;
-    sqlite extensions), new interpreters and namespaces (they would not have the hook or would
-    have a /proc of their own), and any path through "proc" or ".." (/proc/self/mem, also
-    reached as /dev/fd/../mem). Everything it uses is bound in this call: the program can
-    rebind globals and builtins and call this module's functions, but no name refers to the
-    hook or to `prove`."""
-    token = os.urandom(TOKEN_BYTES)
-    write = os.write
-    write(done, token)
-
-    def prove() -> None:
-        write(done, token)
-
-    refused = frozenset(("sys._getframe", "sys._current_frames", "sys._current_exceptions",
-                         "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers",
-                         "gc.get_referents", "cpython.PyInterpreterState_New", "os.unshare",
-                         "os.setns", "sqlite3.enable_load_extension", "sqlite3.load_extension"))
-    frame_attrs = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame"))
-    path_args = {"open": 1, "os.chdir": 1, "os.symlink": 2, "sqlite3.connect": 1}.get
-    modules, home = ("ctypes", "_ctypes", "_test", "_xx", "_interp"), sys.base_prefix + "/"
-    kind, text, raw, number = type, str, bytes, int
-    split, split_raw, starts, refuse = str.split, bytes.split, str.startswith, Refused
-
-    def bad_path(p: object) -> bool:  # a path-like object could show one path here, another later
-        if kind(p) is text:
-            parts = split(p, "/")  # type: ignore[arg-type]
-            return ".." in parts or "proc" in parts
-        if kind(p) is raw:
-            parts_raw = split_raw(p, b"/")  # type: ignore[arg-type]
-            return b".." in parts_raw or b"proc" in parts_raw
-        return kind(p) is not number
-
-    def bad_module(name: str, file: object) -> bool:  # any part: "x._ctypes" loads _ctypes
-        for part in split(name, "."):
-            if starts(part, modules):
-                return True
-        return file is not None and (kind(file) is not text or not starts(file, home)  # type: ignore[arg-type]
-                                     or ".." in split(file, "/"))  # type: ignore[arg-type]
-
-    def hook(event: str, args: tuple) -> None:
-        n = path_args(event, 0)
-        if (event in refused or event[:7] == "ctypes."
-                or (event == "object.__getattr__" and args[1] in frame_attrs)
-                or (event == "import" and bad_module(args[0], args[1]))
-                or (n > 0 and bad_path(args[0])) or (n > 1 and bad_path(args[1]))):
-            raise refuse(f"{event} is refused in the sandbox (it could reach the pass token)")
-
-    sys.addaudithook(hook)
-    return prove
-
-
-def _failure(e: BaseException, display: Callable[..., object]) -> int:
-    """Print why the program failed; its exit code (see `_run_program`)."""
-    if isinstance(e, SystemExit):
-        sys.stderr.write(f"SandboxEarlyExit: the program exited ({e.code!r}) before its end\n")
-        return 3
-    # the interpreter's own printer reads frames in C, past the hook; this file's frame says
-    # nothing, so the traceback starts at the program's
-    tb = e.__traceback__
-    display(type(e), e, None if tb is None else e.with_traceback(tb.tb_next).__traceback__)
-    return 1 if isinstance(e, AssertionError) else 2
-
-
-def _run_program(code: str, done: int) -> int:
-    """Run to the end -> reveal the token, exit 0. Exit 1: an assert failed; 3: the program
-    exited (sys.exit) before its end; 2: any other exception."""
-    display = sys.__excepthook__
-    prove: Callable[[], None] | None = _seal(done)
-    ns = {"__name__": "__main__", "__builtins__": __builtins__}
-    try:
-        exec(compile(code, "program.py", "exec"), ns)
-        status = 0
-    except BaseException as e:  # noqa: BLE001 - every failure of untrusted code is a result
-        prove = None  # the token goes before any of the program's code can run again
-        status = _failure(e, display)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:  # noqa: BLE001 - a closed or over-limit stream
-        status = status or 2
-    if status == 0 and prove is not None:
-        try:
-            prove()
-        except OSError as e:  # the program closed the done pipe's descriptor
-            sys.stderr.write(f"SandboxError: could not report the end of the program: {e}\n")
-            status = 2
-    return status
-
-
-def _runner(code_fd: int, done: int, uid: int) -> None:
-    """The program's process: read the program, become the run's uid if the boot process
-    could not (`uid` >= 0: then the interpreter is unreadable by that uid, so the usual
-    modules are imported first, and the drop also makes this process not dumpable), run it."""
-    try:
-        chunks = []
-        while chunk := os.read(code_fd, 1 << 16):
-            chunks.append(chunk)
-        os.close(code_fd)
-        os.set_inheritable(done, False)  # a program the program execs does not get it
-        if uid >= 0:
-            import importlib
-
-            for name in _COMMON:
-                importlib.import_module(name)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-        code = b"".join(chunks).decode("utf-8", "surrogatepass")
-        import types  # noqa: F401 - before the seal: it reads a traceback's frame on import
-    except BaseException:  # noqa: BLE001 - a setup failure must not look like a result
-        import traceback
-
-        traceback.print_exc()
-        os._exit(SETUP_FAILED)
-    os._exit(_run_program(code, done))
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--run"]:
-    _runner(*(int(a) for a in sys.argv[2:5]))  # never returns
-
-
-# -- the boot process (and PID 1 of the namespace): trusted, isolates, may use ctypes --------
-
-import _signal  # noqa: E402
-import ctypes  # noqa: E402
-import marshal  # noqa: E402
-import resource  # noqa: E402
+SETUP_FAILED = 4  # as sandbox_runner's (this file cannot import it: see the docstring)
+TOKEN_BYTES = 16  # as sandbox_runner's
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runner.py")
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -215,12 +56,15 @@ AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture (added in Linux 5.12)
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 1, 4, 22, 38
 SECCOMP_MODE_FILTER, SECCOMP_RET_ALLOW, SECCOMP_RET_EPERM = 2, 0x7FFF0000, 0x00050001
-# always: rt_sigaction, ptrace, process_vm_readv, process_vm_writev
+# always: rt_sigaction, ptrace, process_vm_readv, process_vm_writev; persistent (a pool
+# worker's): shmget, semget, msgget, mq_open, add_key, request_key, keyctl
 SECCOMP_ARCH = {
     "x86_64": {"arch": 0xC000003E, "always": (13, 101, 310, 311), "socket": 41, "execve": 59,
-               "execveat": 322},
+               "execveat": 322, "persistent": (29, 64, 68, 240, 248, 249, 250)},
     "aarch64": {"arch": 0xC00000B7, "always": (134, 117, 270, 271), "socket": 198,
-                "execve": 221, "execveat": 281}}
+                "execve": 221, "execveat": 281,
+                "persistent": (194, 190, 186, 180, 217, 218, 219)}}
+POOL_NPROC = 4096  # a worker's ceiling; each run sets its own RLIMIT_NPROC below it
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -315,10 +159,11 @@ def _enter_namespaces(uid: int, gid: int) -> bool:
     return True
 
 
-def _read_only_view(workdir: str, keep: list[str], hidden: list[str]) -> None:
+def _read_only_view(workdir: str, keep: list[str], hidden: list[str], tmpfs: str | None) -> None:
     """Everything read-only but `workdir`. `hidden` directories (ones the run's uid cannot
     enter, e.g. a 0700 /root) are covered with an empty tmpfs and only `keep` under them is
-    bound back, so the interpreter stays importable while the rest stays out of sight."""
+    bound back, so the interpreter stays importable while the rest stays out of sight. With
+    `tmpfs` (its mount options), `workdir` is a fresh tmpfs rather than the host's directory."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here propagates outside
     handles = [(p, os.open(p, os.O_PATH)) for p in keep
                if any(p == r or p.startswith(r + "/") for r in hidden)]
@@ -330,6 +175,9 @@ def _read_only_view(workdir: str, keep: list[str], hidden: list[str]) -> None:
         os.close(fd)
     _setattr("/", MOUNT_ATTR_RDONLY, 0)
     _setattr("/proc", 0, MOUNT_ATTR_RDONLY)  # proc's own permissions govern it (uid maps)
+    if tmpfs is not None:
+        _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
+        return
     _mount(workdir, workdir, None, MS_BIND | MS_REC)
     _setattr(workdir, 0, MOUNT_ATTR_RDONLY)
 
@@ -348,16 +196,18 @@ def _set_limits(lim: dict[str, int]) -> None:
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
-def _seccomp(machine: str, sockets: bool, exec_fd: int | None) -> bool:
+def _seccomp(machine: str, sockets: bool, exec_fd: int | None, persistent: bool = False) -> bool:
     """Refuse (EPERM) signal handlers, ptrace, process_vm_readv/writev, sockets unless
-    `sockets` (the weak stand-in for a network namespace), and every syscall of another ABI
+    `sockets` (the weak stand-in for a network namespace), with `persistent` the calls that
+    create IPC objects and keys (they outlive a process), and every syscall of another ABI
     (i386, x32); inherited by every process the program starts. With `exec_fd`, also refuse
     starting programs: execve, and execveat but on `exec_fd`, a descriptor numbered past
     RLIMIT_NOFILE that only the runner's own start uses. False on an unknown architecture."""
     if machine not in SECCOMP_ARCH:
         return False
     nr = SECCOMP_ARCH[machine]
-    denied = nr["always"] + (() if sockets else (nr["socket"],))
+    denied = (nr["always"] + (() if sockets else (nr["socket"],))
+              + (nr["persistent"] if persistent else ()))
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE|K, BPF_RET|K
     # (code, where to go if true, if false, k); None is the next instruction
     prog: list[tuple[int, str | None, str | None, int]] = [
@@ -421,8 +271,8 @@ def _child(cfg: dict, layers: dict[str, bool], code_fd: int, done: int, drop: in
             os._exit(_init(program))
     for fd in (code_fd, done):
         os.set_inheritable(fd, True)
-    os.execve(exe, [python, "-I", "-S", os.path.abspath(__file__), "--run", str(code_fd),
-                    str(done), str(drop)], os.environ)
+    os.execve(exe, [python, "-I", "-S", RUNNER, "--run", str(code_fd), str(done), str(drop)],
+              os.environ)
 
 
 def _isolate(cfg: dict, layers: dict[str, bool], notes: list[str]) -> int:
@@ -437,7 +287,7 @@ def _isolate(cfg: dict, layers: dict[str, bool], notes: list[str]) -> int:
             if not cfg["namespaces"]:
                 raise OSError("namespaces turned off")
             _check(libc.unshare(CLONE_NEWNS), "unshare mount namespace")
-            _read_only_view(workdir, dirs, hidden)
+            _read_only_view(workdir, dirs, hidden, cfg.get("tmpfs"))
             layers["readonly_fs"] = True
         except OSError as e:
             notes.append(str(e))
@@ -450,7 +300,8 @@ def _isolate(cfg: dict, layers: dict[str, bool], notes: list[str]) -> int:
         _drop_user(uid)
     else:
         # a shared uid's other processes count too: give the program its budget on top
-        cfg["limits"]["RLIMIT_NPROC"] += _processes_of(os.geteuid())
+        cfg["nproc_base"] = _processes_of(os.geteuid())
+        cfg["limits"]["RLIMIT_NPROC"] += cfg["nproc_base"]
     resource.setrlimit(resource.RLIMIT_NPROC, (cfg["limits"]["RLIMIT_NPROC"],) * 2)
     if not cfg["namespaces"]:
         notes.append("namespaces turned off")
@@ -461,7 +312,7 @@ def _isolate(cfg: dict, layers: dict[str, bool], notes: list[str]) -> int:
     layers.update(user_ns=True, net_ns=True, pid_ns=True)
     if not layers["readonly_fs"]:
         try:
-            _read_only_view(workdir, dirs, [])
+            _read_only_view(workdir, dirs, [], cfg.get("tmpfs"))
             layers["readonly_fs"] = True
         except OSError as e:
             notes.append(str(e))
@@ -476,7 +327,6 @@ def _revealed(fd: int) -> bool:
         data = os.read(fd, 2 * TOKEN_BYTES)
     except BlockingIOError:
         data = b""
-    os.close(fd)
     return len(data) == 2 * TOKEN_BYTES and data[:TOKEN_BYTES] == data[TOKEN_BYTES:]
 
 
@@ -517,8 +367,83 @@ def main() -> None:
     report.flush()
     _, status = os.waitpid(pid, 0)
     report.write(marshal.dumps({"wait_status": status, "ran_to_end": _revealed(done_r)}))
+    os.close(done_r)
     report.close()
 
 
+# -- a pool worker (module docstring) -----------------------------------------------------------
+
+
+def pool_main() -> None:
+    """Isolate once, start the zygote as PID 1 of the worker's namespaces, watch both ends."""
+    cfg = marshal.load(sys.stdin.buffer)  # stdin stays open: its end is the parent's
+    report = os.fdopen(cfg["report_fd"], "wb")
+    layers = {"unprivileged": os.geteuid() != 0, "user_ns": False, "net_ns": False,
+              "pid_ns": False, "readonly_fs": False}
+    notes: list[str] = []
+    drop = _isolate(cfg, layers, notes)
+    if drop >= 0 or not all(layers.values()):  # the parent runs one shot at a time instead
+        report.write(marshal.dumps({"layers": layers, "notes": notes, "pid": None}))
+        return
+    _check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl dumpable")  # before the fork
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _zygote(cfg)
+        except BaseException:  # noqa: BLE001 - the parent sees the worker end before it is ready
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(SETUP_FAILED)
+    os.close(cfg["ctl_fd"])  # the zygote's alone: its end closes when the zygote ends
+    report.write(marshal.dumps({"layers": layers, "notes": notes, "pid": pid}))
+    report.flush()
+    report.write(marshal.dumps({"wait_status": _watch(pid)}))
+    report.close()
+
+
+def _zygote(cfg: dict) -> None:
+    """PID 1 of the worker's namespaces: hide /proc, drop what no run needs, exec the zygote."""
+    os.close(cfg["report_fd"])
+    libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    # no /proc at all: no other process, not the runs' memory; without it a worker would have
+    # to refuse exec like the one-shot fallback, so there is no worker then
+    _mount("tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+           "size=4k,mode=0555")
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, 0)  # not the parent's pipe: only this worker's boot process watches that
+    os.close(fd)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _drop_capabilities()
+    os.chdir(cfg["workdir"])
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # see _child
+    _seccomp(os.uname().machine, sockets=True, exec_fd=None, persistent=True)
+    os.set_inheritable(cfg["ctl_fd"], True)
+    python = os.path.realpath(sys.executable)
+    os.execv(python, [python, "-I", "-S", RUNNER, "--zygote", str(cfg["ctl_fd"]),
+                      cfg["workdir"], str(cfg.get("nproc_base", 0))])
+
+
+def _watch(zygote: int) -> int:
+    """Wait for the zygote; if the parent goes first (stdin closes), kill it. Its wait status."""
+    import select
+
+    poller = select.poll()
+    poller.register(0, select.POLLIN)
+    try:
+        poller.register(os.pidfd_open(zygote), select.POLLIN)
+        timeout = None
+    except (AttributeError, OSError):  # Linux < 5.3: look every 100 ms
+        timeout = 100
+    while True:
+        ready = [fd for fd, _ in poller.poll(timeout)]
+        if 0 in ready:
+            os.kill(zygote, 9)
+        pid, status = os.waitpid(zygote, 0 if ready else os.WNOHANG)
+        if pid:
+            return status
+
+
 if __name__ == "__main__":
-    main()
+    pool_main() if sys.argv[1:2] == ["--pool"] else main()

@@ -24,32 +24,58 @@ STRONG = S.probe().level == "strong"
 MODES = [pytest.param(True, id="namespaces"), pytest.param(False, id="fallback")]
 
 
-def _leftovers() -> list[int]:
-    pids = []
+def _sandbox_processes() -> tuple[set[int], set[int]]:
+    """Every process the sandbox runs (boot and runner interpreters, whatever they forked), and
+    of those the workers' own: a worker's boot (`--pool`) and its zygote, which live between
+    runs. Machine-wide: another user's workers count as workers too."""
+    found, workers, parents = set(), set(), {}
     for entry in os.listdir("/proc"):
         try:
-            if entry.isdigit() and b"sandbox_boot.py" in Path(f"/proc/{entry}/cmdline").read_bytes():
-                pids.append(int(entry))
-        except OSError:
-            pass
-    return pids
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text()
+                                      .rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if b"sandbox_boot.py" in cmd or b"sandbox_runner.py" in cmd:
+            found.add(int(entry))
+        if b"sandbox_boot.py\0--pool" in cmd:
+            workers.add(int(entry))
+    workers |= {p for p, pp in parents.items() if pp in workers}  # their zygotes
+    while grown := {p for p, pp in parents.items() if pp in found} - found:
+        found |= grown
+    return found, workers
+
+
+def _leftovers() -> set[int]:
+    found, workers = _sandbox_processes()
+    return found - workers
 
 
 def _workdirs() -> set[str]:
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "lmforge-sandbox-*")))
 
 
+def _pool_roots() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "lmforge-pool-*")))
+
+
 @pytest.fixture
 def contained():
-    """Checks after the test: no sandbox process left (the kernel may take a moment to
-    finish killing a namespace), no work directory left."""
+    """Checks after the test: no sandbox process left but the idle workers, no work directory
+    left, and the workers' roots empty on the host (the runs' files live in each worker's own
+    tmpfs). The kernel may take a moment to finish killing a namespace, and other users' runs
+    come and go meanwhile: what is left must be gone within 3 s, and ours would not be."""
     before = _workdirs()
     yield
+    procs, dirs = _leftovers(), _workdirs() - before
     deadline = time.monotonic() + 3.0
-    while _leftovers() and time.monotonic() < deadline:
+    while (procs or dirs) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _leftovers() == []
-    assert _workdirs() - before == set()
+        procs, dirs = procs & _leftovers(), dirs & _workdirs()
+    assert procs == set()
+    assert dirs == set()
+    assert all(os.listdir(d) == [] for d in _pool_roots())
+    assert S.pool_pids() <= _sandbox_processes()[1]
 
 
 def _run(code: str, ns: bool, **kw: object) -> S.Result:
@@ -362,7 +388,7 @@ from lmforge.cli import _sigterm_raises
 from lmforge.errors import Terminated
 
 sleeper = "import time\\ntime.sleep(60)"
-limits = sandbox.Limits(timeout_s=60)
+limits = sandbox.Limits(timeout_s=60, namespaces=sys.argv[2] == "ns")
 print("ready", flush=True)
 try:
     with _sigterm_raises():
@@ -389,28 +415,32 @@ def _children(ppids: set[int]) -> set[int]:
     return found
 
 
-@pytest.mark.parametrize("mode,sig,code", [("run_many", signal.SIGTERM, 143),
-                                           ("run", signal.SIGINT, 130)])
+@pytest.mark.parametrize("mode,sig,code,ns", [
+    ("run_many", signal.SIGTERM, 143, "ns"), ("run", signal.SIGINT, 130, "ns"),
+    ("run_many", signal.SIGTERM, 143, "fallback")])
 def test_an_interrupt_ends_the_programs_and_removes_their_work_dirs(
-        mode: str, sig: int, code: int) -> None:
-    before = _workdirs()
-    proc = spawn([sys.executable, "-c", INTERRUPT_SCRIPT, mode])
+        mode: str, sig: int, code: int, ns: str) -> None:
+    before = _workdirs() | _pool_roots()
+    proc = spawn([sys.executable, "-c", INTERRUPT_SCRIPT, mode, ns])
     try:
-        _interrupt_and_check(proc, before, mode, sig, code)
+        _interrupt_and_check(proc, before, mode, sig, code, ns == "ns")
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
 def _interrupt_and_check(proc: subprocess.Popen[str], before: set[str], mode: str, sig: int,
-                         code: int) -> None:
+                         code: int, pooled: bool) -> None:
+    """Pooled, the programs are the zygotes' children (boot -> zygote -> program), and their
+    dirs the workers' roots; one shot, the boots' children, in dirs of their own."""
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     want = 2 if mode == "run_many" else 1
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # the programs are running: their dirs and processes
-        mine = _workdirs() - before
+        mine = (_pool_roots() if pooled else _workdirs()) - before
         boots = _children({proc.pid})
-        programs = _children(boots)
+        zygotes = _children(boots) if pooled else set()
+        programs = _children(zygotes if pooled else boots)
         if len(mine) >= want and len(programs) >= want:
             break
         time.sleep(0.1)
@@ -420,12 +450,21 @@ def _interrupt_and_check(proc: subprocess.Popen[str], before: set[str], mode: st
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
     assert time.monotonic() - sent < 5  # not after the programs' 60 s
-    assert not (mine & _workdirs())  # no work dir left, empty or not
+    assert not (mine & (_workdirs() | _pool_roots()))  # no work dir left, empty or not
     deadline = time.monotonic() + 3
-    while (boots | programs) & _alive() and time.monotonic() < deadline:
+    while (boots | zygotes | programs) & _alive() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not (boots | programs) & _alive()
+    assert not (boots | zygotes | programs) & _alive()
 
 
 def _alive() -> set[int]:
-    return {int(e) for e in os.listdir("/proc") if e.isdigit()}
+    """Processes that still run: a zombie has ended, it only waits for its parent to read its
+    status."""
+    alive = set()
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.add(int(entry))
+        except (OSError, IndexError):
+            pass
+    return alive
