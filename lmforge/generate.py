@@ -24,16 +24,22 @@ class SampleCfg:
     seed: int = 0
 
     def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        # nan passes every comparison test as False: `nan < 0` would let it through and
-        # `nan > 0` would then decode greedily without a word
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 0:
-            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float,
+                   top_k: int | None) -> None:
+    """Sampling settings every sampler accepts, or one line saying which is not."""
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    # nan passes every comparison test as False: `nan < 0` would let it through and
+    # `nan > 0` would then decode greedily without a word
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise UserError(f"top_k must be >= 0, got {top_k}")
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:

@@ -249,6 +249,27 @@ def _portable_config(path: Path) -> None:
     path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
 
 
+# architectures whose causal-LM logits are exactly output_layer(body(x)): a caller may run
+# the output layer on the positions it needs only (others scale or cap logits in forward)
+PLAIN_HEAD = frozenset({"llama", "gpt2", "mistral", "qwen2", "qwen3"})
+
+
+def body_of(model: nn.Module) -> nn.Module:
+    """The transformer body of an HF model or its peft wrapper. A PeftModel's `base_model`
+    is peft's LoraModel, not the body: `get_base_model()` is the wrapped model (adapters
+    injected in place), whose `base_model_prefix` names its body (`model`, `transformer`)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix)  # type: ignore[no-any-return]
+
+
+def plain_head(model: nn.Module) -> nn.Module | None:
+    """The output layer when the logits are nothing but it applied to the body's output."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(inner.config, "model_type", None) not in PLAIN_HEAD:
+        return None
+    return inner.get_output_embeddings()  # type: ignore[no-any-return]
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total), tied weights counted once."""
     seen: set[int] = set()

@@ -290,6 +290,24 @@ def eval_lines(name: str, s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def compare_eval_lines(summaries: dict[str, dict[str, Any]], stage_of: dict[str, str]) -> list[str]:
+    """Every eval stage's pass@k side by side, one row per stage and task (e.g. MBPP after
+    SFT, after DPO, after GRPO, all scored with the same settings)."""
+    evals = [(n, s) for n, s in summaries.items() if stage_of[n] == "eval"]
+    if len(evals) < 2:
+        return []
+    ks = sorted({k for _, s in evals for r in s.get("tasks", {}).values() for k in r
+                 if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    if not ks:
+        return []
+    lines = ["| eval | model | task | " + " | ".join(ks) + " |", "|---|---|---|" + "---:|" * len(ks)]
+    for n, s in evals:
+        for task, r in s.get("tasks", {}).items():
+            lines.append(f"| {n} | `{s.get('model')}` | {task} | "
+                         + " | ".join(_fmt(r.get(k), ".3f") for k in ks) + " |")
+    return lines
+
+
 def sample_lines(final_dir: Path, cfg: PipelineCfg) -> list[str]:
     from lmforge.generate import SampleCfg, generate
     from lmforge.models import load_model
@@ -337,6 +355,9 @@ def write_report(root: Path, cfg: PipelineCfg, summaries: dict[str, dict[str, An
             lines += [*compare_pass_lines(summaries, stage_of), ""]
         if stage_of[name] == "eval":
             lines += ["## Evaluation", "", *eval_lines(name, s), ""]
+    compare = compare_eval_lines(summaries, stage_of)
+    if compare:
+        lines += ["## Side by side", "", *compare, ""]
     # raw-text continuations show what pretraining learned; chat models speak through templates
     models = [Path(s["final_dir"]) for n, s in summaries.items() if stage_of[n] == "pretrain"
               and s.get("final_dir") and (Path(s["final_dir"]) / "config.json").exists()]

@@ -21,7 +21,6 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,12 +32,20 @@ from lmforge.chat import Rendered
 from lmforge.data.sft import collate, lm_logits, pack_rows
 from lmforge.errors import UserError
 from lmforge.eval.harness import Generator
-from lmforge.io import atomic_write_text, read_jsonl
+from lmforge.io import read_jsonl
 from lmforge.losses.lm import token_logps
 from lmforge.losses.policy import policy_loss, token_entropy, weight_of
-from lmforge.models import config_summary, export_peft, load_model, resolve_model_dir
+from lmforge.models import (
+    body_of,
+    config_summary,
+    export_peft,
+    load_model,
+    plain_head,
+    resolve_model_dir,
+)
 from lmforge.rl.advantages import group_advantages, rloo_advantages, whiten
 from lmforge.rl.config import GrpoCfg
+from lmforge.rl.log import ROLLOUTS, curve, dedupe_rounds, time_split
 from lmforge.rl.rewards import Answer, Env, score_rollouts
 from lmforge.rl.rollout import Engine, Rollouts, SamplingCfg, make_engine
 from lmforge.stages.dpo import heldout_pass_at_1, load_policy
@@ -87,26 +94,18 @@ def load_items(cfg: GrpoCfg) -> list[Any]:
 
 # --------------------------------------------------------------------------- a round
 
-ROLLOUTS = "rollouts.jsonl"
+@dataclass
+class Group:
+    """One prompt's G rollouts with their total rewards and each reward function's values."""
 
+    item: int
+    ro: Rollouts
+    rewards: list[float]
+    parts: dict[str, list[float]]
 
-def item_id(item: Any) -> str:
-    return str(item.task_id)
-
-
-def dedupe_rounds(path: Path) -> None:
-    """Keep each round's last block of rows: a resumed run redraws the rounds made after its
-    checkpoint, and those redraws (identical, by construction) replace the first ones."""
-    if not path.exists():
-        return
-    blocks: dict[int, list[dict[str, Any]]] = {}
-    current = None
-    for r in read_jsonl(path):
-        if r["round"] != current:
-            current = r["round"]
-            blocks[current] = []
-        blocks[current].append(r)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for k in sorted(blocks) for r in blocks[k]))
+    @property
+    def signal(self) -> bool:  # equal rewards give every rollout advantage 0
+        return max(self.rewards) != min(self.rewards)
 
 
 @dataclass
@@ -138,8 +137,8 @@ class Rounds:
     def make(self, k: int) -> Round:
         cfg, G, P = self.cfg, self.cfg.rollout.group_size, self.cfg.rollout.prompts_per_step
         t_gen = t_rew = 0.0
-        kept: list[tuple[int, Rollouts, list[float], dict[str, list[float]]]] = []
-        last: list[tuple[int, Rollouts, list[float], dict[str, list[float]]]] = []
+        kept: list[Group] = []
+        last: list[Group] = []
         dropped = refills = 0
         picks = [self.item_at(k * P + j) for j in range(P)]
         refill_rng = random.Random(f"{cfg.train.seed}/{k}/refill")
@@ -154,13 +153,11 @@ class Rounds:
                        for j in range(len(ro.texts))]
             total, parts = score_rollouts(cfg.rewards, answers, self.env)
             t_gen, t_rew = t_gen + t1 - t0, t_rew + time.perf_counter() - t1
-            last = []
-            for q, item in enumerate(picks):
-                sl = slice(q * G, (q + 1) * G)
-                group = (item, ro.rows(range(sl.start, sl.stop)), total[sl],
-                         {kk: v[sl] for kk, v in parts.items()})
-                last.append(group)
-                if cfg.dynamic_sampling_rounds and max(total[sl]) == min(total[sl]):
+            last = [Group(item, ro.rows(range(q * G, (q + 1) * G)), total[q * G:(q + 1) * G],
+                          {kk: v[q * G:(q + 1) * G] for kk, v in parts.items()})
+                    for q, item in enumerate(picks)]
+            for group in last:
+                if cfg.dynamic_sampling_rounds and not group.signal:
                     dropped += 1
                 else:
                     kept.append(group)
@@ -175,60 +172,60 @@ class Rounds:
                             "groups/kept": float(len(kept[:P]) if kept else 0)})
         return rnd
 
-    def _batch(self, k: int, groups: list[tuple[int, Rollouts, list[float], dict[str, list[float]]]]
-               ) -> Round:
+    def _batch(self, k: int, groups: list[Group]) -> Round:
         cfg, G = self.cfg, self.cfg.rollout.group_size
-        ro = Rollouts.cat([g[1] for g in groups], self.pad_id)
-        rewards = torch.tensor([r for g in groups for r in g[2]], dtype=torch.float64)  # (N,)
+        ro = Rollouts.cat([g.ro for g in groups], self.pad_id)
+        rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)  # (N,)
         adv = ADVANTAGES[cfg.advantage.kind](rewards, G)
         if cfg.advantage.whiten:
             adv = whiten(adv)
         self._log(k, groups, ro, rewards, adv)
         micro = cfg.train.micro_batch_size
-        batches = [self._micro(ro.rows(range(s, min(s + micro, len(rewards)))),
-                               adv[s:s + micro], seed=cfg.train.seed + k)
+        batches = [rollout_batch(ro.rows(range(s, min(s + micro, len(rewards)))),
+                                 adv[s:s + micro], self.pad_id, seed=cfg.train.seed + k)
                    for s in range(0, len(rewards), micro)]
         return Round(k, batches, _round_metrics(cfg, ro, rewards, groups))
 
-    def _log(self, k: int, groups: list[Any], ro: Rollouts, rewards: torch.Tensor,
+    def _log(self, k: int, groups: list[Group], ro: Rollouts, rewards: torch.Tensor,
              adv: torch.Tensor) -> None:
         """Every rollout of the round, for reading what the policy wrote and what it earned."""
-        G, j = self.cfg.rollout.group_size, 0
+        G = self.cfg.rollout.group_size
         with self.log_path.open("a", encoding="utf-8") as f:
-            for item, _, _, parts in groups:
-                for i in range(G):
-                    f.write(json.dumps({
-                        "step": k * self.cfg.mu + 1, "round": k, "task_id": item_id(self.items[item]),
-                        "text": ro.texts[j], "tokens": int(ro.mask[j].sum()), "finish": ro.finish[j],
-                        "reward": float(rewards[j]), "rewards": {kk: v[i] for kk, v in parts.items()},
-                        "advantage": float(adv[j])}) + "\n")
-                    j += 1
+            for j in range(len(rewards)):
+                g = groups[j // G]
+                f.write(json.dumps({
+                    "step": k * self.cfg.mu + 1, "round": k, "task_id": self.items[g.item].task_id,
+                    "text": ro.texts[j], "tokens": int(ro.mask[j].sum()), "finish": ro.finish[j],
+                    "reward": float(rewards[j]), "rewards": {kk: v[j % G] for kk, v in g.parts.items()},
+                    "advantage": float(adv[j])}) + "\n")
 
-    def _micro(self, ro: Rollouts, adv: torch.Tensor, seed: int) -> Batch:
-        """Prompt + completion of each rollout packed padding-free into rows (each sequence
-        its own positions from 0, as sampled), with its completion tensors."""
-        seqs = [Rendered(p + ro.completion(i), [0] * len(p) + [1] * int(ro.mask[i].sum()))
-                for i, p in enumerate(ro.prompts)]
-        lengths = [len(s.ids) - 1 for s in seqs]
-        rows = pack_rows(lengths, max(lengths), seed)
-        b = collate(seqs, rows, self.pad_id, seq_ids=list(range(len(seqs))))
-        b.update({"completion_mask": ro.mask, "rollout_logps": ro.logps,
-                  "advantages": adv.float()})
-        return b
+
+
+def rollout_batch(ro: Rollouts, adv: torch.Tensor, pad_id: int, seed: int) -> Batch:
+    """Prompt + completion of each rollout packed padding-free into rows (each sequence its
+    own positions from 0, as sampled), with its completion tensors."""
+    seqs = [Rendered(p + ro.completion(i), [0] * len(p) + [1] * int(ro.mask[i].sum()))
+            for i, p in enumerate(ro.prompts)]
+    lengths = [len(s.ids) - 1 for s in seqs]
+    # rows of twice the longest: best-fit pairs short sequences, so padding stays a few %
+    b = collate(seqs, pack_rows(lengths, 2 * max(lengths), seed), pad_id,
+                seq_ids=list(range(len(seqs))))
+    b.update({"completion_mask": ro.mask, "rollout_logps": ro.logps, "advantages": adv.float()})
+    return b
 
 
 def _round_metrics(cfg: GrpoCfg, ro: Rollouts, rewards: torch.Tensor,
-                   groups: list[Any]) -> dict[str, float]:
+                   groups: list[Group]) -> dict[str, float]:
     m = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-         "groups/zero_signal": float(sum(max(g[2]) == min(g[2]) for g in groups)),
+         "groups/zero_signal": float(sum(not g.signal for g in groups)),
          "completion/len": float(ro.lengths.float().mean()),
          "completion/truncated": sum(f == "length" for f in ro.finish) / max(len(ro.finish), 1)}
-    for kind in groups[0][3]:
-        v = torch.tensor([x for g in groups for x in g[3][kind]], dtype=torch.float64)
+    for kind in groups[0].parts:
+        v = torch.tensor([x for g in groups for x in g.parts[kind]], dtype=torch.float64)
         m[f"reward/{kind}/mean"] = float(v.mean())
         m[f"reward/{kind}/std"] = float(v.std()) if len(v) > 1 else 0.0
-    if "code" in groups[0][3]:  # all tests passed, whichever mode the reward used
-        m["pass_rate"] = float((torch.tensor([x for g in groups for x in g[3]["code"]]) == 1).double().mean())
+    if "code" in groups[0].parts:  # all tests passed, whichever mode the reward used
+        m["pass_rate"] = float((torch.tensor([x for g in groups for x in g.parts["code"]]) == 1).double().mean())
     return m
 
 
@@ -240,10 +237,15 @@ def completion_logps(model: torch.nn.Module, b: Batch, temperature: float,
     """(n, L) log-probs of each rollout's completion tokens under `model` at `temperature`
     (the sampling distribution's), aligned with `completion_mask`; and their entropies
     (entropy=True: with a graph, for a bonus; False: without, as a metric; None: not at all)."""
-    logits = lm_logits(model, b)  # (R, T, V)
     sel = b["seq_ids"] >= 0
     order = torch.argsort(b["seq_ids"][sel], stable=True)  # sequence by sequence, in order
-    flat = logits[sel][order]  # (n_tokens, V): completion positions only
+    head = plain_head(model)
+    if head is not None:  # the output layer on completion positions only (~40% are prompt)
+        hidden = body_of(model)(input_ids=b["input_ids"], position_ids=b["position_ids"],
+                                use_cache=False).last_hidden_state  # (R, T, d)
+        flat = head(hidden[sel][order])  # (n_tokens, V)
+    else:
+        flat = lm_logits(model, b)[sel][order]  # (n_tokens, V): completion positions only
     if temperature != 1.0:
         flat = flat / temperature
     mask = b["completion_mask"].bool()
@@ -362,12 +364,14 @@ def main(cfg: GrpoCfg) -> dict[str, Any]:
     ref, how = reference(cfg, model)
     info = config_summary(model)
     r = cfg.rollout
+    L = cfg.loss
+    variant = (f"ratio {L.ratio_level}, clip ({L.clip_low}, {L.clip_high}), {L.aggregation}, "
+               f"kl {L.kl} x {L.beta}, advantages {cfg.advantage.kind}, mu {cfg.mu}, dynamic "
+               f"sampling {cfg.dynamic_sampling_rounds} rounds, lr {cfg.optim.lr:g}")
     print(f"{cfg.run.dir.name}: {cfg.lora.method} on {info['model_type']}, trainable "
           f"{info['trainable_params']:,} of {info['params']:,}; {len(items):,} prompts, "
-          f"{r.prompts_per_step} x {r.group_size} rollouts per round, mu={cfg.mu}, backend "
-          f"{r.backend}; loss: ratio {cfg.loss.ratio_level}, clip ({cfg.loss.clip_low}, "
-          f"{cfg.loss.clip_high}), {cfg.loss.aggregation}, kl {cfg.loss.kl} x {cfg.loss.beta}; "
-          f"advantages {cfg.advantage.kind}; reference: {how}")
+          f"{r.prompts_per_step} x {r.group_size} rollouts per round ({r.backend}); {variant}; "
+          f"reference: {how}")
     task = grpo_task(cfg, model, rounds, ref, device, precision.autocast)
     if cfg.lora.method != "full":
         base = resolve_model_dir(cfg.model.path)  # type: ignore[arg-type]
@@ -375,10 +379,10 @@ def main(cfg: GrpoCfg) -> dict[str, Any]:
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
     dedupe_rounds(cfg.run.dir / ROLLOUTS)
     rows = [x for x in read_jsonl(cfg.run.dir / "metrics.jsonl") if "reward/mean" in x]
-    return {**info, "method": cfg.lora.method, **res.facts(), "reference": how,
+    return {**info, "method": cfg.lora.method, **res.facts(), "reference": how, "variant": variant,
             "rollouts": {"prompts": len(items), "per_step": r.prompts_per_step * r.group_size,
                          "backend": r.backend},
-            "curve": _curve(rows), "time_per_step_s": _time_split(rows),
+            "curve": curve(rows), "time_per_step_s": time_split(rows),
             "final_dir": str(res.final_dir),
             **heldout_pass_at_1(cfg, fmt, precision, res, device)}  # type: ignore[arg-type]
 
@@ -387,26 +391,3 @@ def _vllm_args(cfg: GrpoCfg) -> dict[str, Any]:
     r = cfg.rollout
     return {"gpu_memory_utilization": r.gpu_memory_utilization, "dtype": r.vllm_dtype,
             "max_model_len": None, "seed": cfg.train.seed}
-
-
-def _curve(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Reward, pass rate and KL at the start and the end (means of the first and last
-    quarter of the logged rows), so a summary says whether RL moved anything."""
-    if not rows:
-        return {}
-    q = max(1, len(rows) // 4)
-
-    def mean(rs: list[dict[str, Any]], key: str) -> float | None:
-        v = [x[key] for x in rs if key in x]
-        return round(sum(v) / len(v), 4) if v else None
-
-    keys = ("reward/mean", "pass_rate", "kl", "completion/len", "clip_frac", "entropy")
-    return {"first": {k: mean(rows[:q], k) for k in keys}, "last": {k: mean(rows[-q:], k) for k in keys}}
-
-
-def _time_split(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean seconds per step generating, rewarding, training and syncing the engine (each
-    logged row holds its interval's mean)."""
-    keys = ("time/gen_s", "time/reward_s", "time/train_s", "time/sync_s")
-    return {k.split("/")[1].removesuffix("_s"): round(sum(x.get(k, 0.0) for x in rows) / len(rows), 3)
-            for k in keys} if rows else {}

@@ -41,6 +41,7 @@ from lmforge.losses.preference import bt_loss
 from lmforge.models import (
     WRITTEN,
     add_rows_for_new_tokens,
+    body_of,
     check_targets,
     config_summary,
     disable_dropout,
@@ -144,12 +145,9 @@ def apply_reward_lora(model: PreTrainedModel, cfg: RmCfg, new_token_ids: list[in
 
 
 def reward_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(transformer body, score head) of a sequence-classification model or its peft wrapper.
-    A PeftModel's `base_model` is peft's LoraModel, not the body: `get_base_model()` is the
-    wrapped XForSequenceClassification (adapters injected in place), whose
-    `base_model_prefix` names its body (`model` for llama, `transformer` for gpt2)."""
+    """(transformer body, score head) of a sequence-classification model or its peft wrapper."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner, inner.base_model_prefix), inner.score
+    return body_of(model), inner.score
 
 
 def sequence_rewards(model: nn.Module, b: Batch) -> torch.Tensor:

@@ -123,3 +123,26 @@ def test_bad_settings(tok) -> None:
         eng.generate([[]], SamplingCfg(), torch.Generator())
     with pytest.raises(UserError, match="top_p"):
         SamplingCfg(top_p=0).check()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_trainer_logps_equal_the_samplers(tok, arch: str, fast: bool, monkeypatch) -> None:
+    """What GRPO's step scores: rollouts packed padding-free into rows and scored with the
+    output layer on completion positions only (fast) or on all of them (any architecture)
+    give the engine's log-probs; the same fp32 bound as above."""
+    from lmforge import models
+    from lmforge.stages.grpo import completion_logps, rollout_batch
+
+    if not fast:
+        monkeypatch.setattr(models, "PLAIN_HEAD", frozenset())
+    model = (micro_llama(vocab=len(tok)) if arch == "llama" else _gpt2(len(tok))).float()
+    eng = HfEngine(model, tok, [tok.eos_token_id], tok.pad_token_id)
+    ro = eng.generate(_prompts(tok, 9), SamplingCfg(max_new_tokens=10, temperature=0.7),
+                      torch.Generator().manual_seed(3))
+    b = rollout_batch(ro, torch.zeros(9), tok.pad_token_id, seed=0)
+    assert b["input_ids"].size(0) < 9  # packed: several rollouts share a row
+    with torch.no_grad():
+        got, ent = completion_logps(model, b, 0.7, entropy=False)
+    torch.testing.assert_close(got, ro.logps, atol=1e-5, rtol=0)
+    assert ent is not None and bool((ent[ro.mask == 0] == 0).all()) and bool((ent[ro.mask == 1] > 0).all())

@@ -1,0 +1,75 @@
+"""Reward functions: worked values, and that a code reward is only earned by answers whose
+tests really ran and compared real values."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.rl.config import (
+    AnswerRewardCfg,
+    CodeRewardCfg,
+    FormatRewardCfg,
+    GrpoCfg,
+    LengthRewardCfg,
+)
+from lmforge.rl.rewards import Answer, Env, score_rollouts
+from lmforge.sandbox import Limits
+from lmforge.tasks.base import AnswerItem
+from lmforge.tasks.gsm8k import score_completion
+from lmforge.tasks.synthetic_code import make_splits, to_code_items
+
+ENV = Env(Limits(timeout_s=5.0), workers=2)
+
+
+@pytest.fixture(scope="module")
+def item():
+    return to_code_items(make_splits(0, 40, 2).train[:1])[0]
+
+
+def test_length_penalty_worked() -> None:
+    """max 10, buffer 4: free up to 6 tokens, then -1/4 per token, -1 from 10 on."""
+    cfg = LengthRewardCfg(max_tokens=10, buffer=4)
+    got = score_rollouts([cfg], [Answer(None, "", n) for n in (3, 6, 7, 8, 10, 12)], ENV)[1]["length"]
+    assert got == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+
+
+def test_weighted_sum_and_parts(item) -> None:
+    """total = sum of weight * value; each part reported unweighted."""
+    cfgs = [FormatRewardCfg(weight=0.5), LengthRewardCfg(weight=2.0, max_tokens=10, buffer=4)]
+    answers = [Answer(item, item.reference, 8), Answer(item, "    return (", 3)]
+    total, parts = score_rollouts(cfgs, answers, ENV)
+    assert parts == {"format": [1.0, 0.0], "length": [-0.5, 0.0]}
+    assert total == [0.5 * 1.0 + 2.0 * -0.5, 0.0]
+
+
+def test_code_reward_runs_the_tests(item) -> None:
+    """The reference passes; a wrong body and an answer that exits before the tests do not;
+    an object equal to everything does not (the tests compare exact builtin types)."""
+    cheats = [
+        "\n    return None",
+        "\n    import os; os._exit(0)",
+        "\n    class E:\n        def __eq__(s, o): return True\n    return E()",
+        "\n    raise SystemExit(0)",
+    ]
+    answers = [Answer(item, item.reference, 10), *[Answer(item, c, 10) for c in cheats]]
+    total, _ = score_rollouts([CodeRewardCfg()], answers, ENV)
+    assert total == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_answer_and_format_for_gsm8k() -> None:
+    from functools import partial
+
+    it = AnswerItem("g/1", "Q?", "...#### 42", "42", partial(score_completion, reference="42"))
+    answers = [Answer(it, "so #### 42", 4), Answer(it, "it is 41", 4), Answer(it, "no idea", 2)]
+    total, parts = score_rollouts([AnswerRewardCfg(), FormatRewardCfg(weight=0.1)], answers, ENV)
+    assert parts["answer"] == [1.0, 0.0, 0.0] and parts["format"] == [1.0, 1.0, 0.0]
+    assert total == pytest.approx([1.1, 0.1, 0.0])
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ValueError, match="at most once"):
+        GrpoCfg(rewards=[CodeRewardCfg(), CodeRewardCfg()])
+    with pytest.raises(ValueError, match="GSM8K"):
+        GrpoCfg(rewards=[AnswerRewardCfg()])
+    with pytest.raises(ValueError, match="code prompts"):
+        GrpoCfg(data={"train": "gsm8k"}, rewards=[CodeRewardCfg()])
