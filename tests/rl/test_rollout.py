@@ -146,3 +146,16 @@ def test_trainer_logps_equal_the_samplers(tok, arch: str, fast: bool, monkeypatc
         got, ent = completion_logps(model, b, 0.7, entropy=False)
     torch.testing.assert_close(got, ro.logps, atol=1e-5, rtol=0)
     assert ent is not None and bool((ent[ro.mask == 0] == 0).all()) and bool((ent[ro.mask == 1] > 0).all())
+
+
+def test_groups_share_one_prefill(tok) -> None:
+    """G copies of a prompt are prefilled once and their cache rows repeated: the log-probs
+    are still the teacher-forced ones, and the copies draw different completions."""
+    model = micro_llama(vocab=len(tok))
+    eng = HfEngine(model, tok, [tok.eos_token_id], tok.pad_token_id)
+    prompts = [p for p in _prompts(tok, 3) for _ in range(4)]
+    ro = eng.generate(prompts, SamplingCfg(max_new_tokens=8, temperature=1.0),
+                      torch.Generator().manual_seed(4))
+    torch.testing.assert_close(ro.logps, teacher_forced_logps(model, ro, 1.0, tok.pad_token_id),
+                               atol=1e-5, rtol=0)
+    assert len({tuple(ro.completion(i)) for i in range(4)}) > 1
