@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo vllm bench-rollout clean
+.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,10 @@ $(VENV)/.bench: $(VENV)/.core
 
 bench-dpo: $(VENV)/.bench
 	$(BIN)/python bench/dpo_vs_trl.py
+
+# one torch thread per side: on a shared 2-core box two threads each made steps swing 20x
+bench-grpo: $(VENV)/.bench
+	$(BIN)/python bench/grpo_vs_trl.py --threads 1
 
 # vLLM in a venv of its own: each release pins its own transformers (0.32: >=5.16.1,<5.20, this
 # venv has newer) and pulls torchvision/torchaudio/torchcodec builds that fail to load against

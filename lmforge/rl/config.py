@@ -34,6 +34,9 @@ class RolloutCfg(Cfg):
     # vllm only: the share of GPU memory the colocated engine may take, and its dtype
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # the KV cache's size outright (vllm on CPU reads gpu_memory_utilization as a share of
+    # RAM: 0.3 of a 24 GiB box is 7 GiB); None: vLLM sizes it from the share above
+    vllm_kv_cache_gb: float | None = Field(None, gt=0)
 
 
 class PolicyLossCfg(Cfg):

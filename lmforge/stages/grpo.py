@@ -389,5 +389,6 @@ def main(cfg: GrpoCfg) -> dict[str, Any]:
 
 def _vllm_args(cfg: GrpoCfg) -> dict[str, Any]:
     r = cfg.rollout
+    kv = None if r.vllm_kv_cache_gb is None else int(r.vllm_kv_cache_gb * 2**30)
     return {"gpu_memory_utilization": r.gpu_memory_utilization, "dtype": r.vllm_dtype,
-            "max_model_len": None, "seed": cfg.train.seed}
+            "max_model_len": None, "seed": cfg.train.seed, "kv_cache_memory_bytes": kv}
