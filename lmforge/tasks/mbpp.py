@@ -27,6 +27,9 @@ would put a blank line in its prompt) but keep trailing spaces (task 4's, as the
 `tests` is the sanitized `test_imports`, then `test_setup_code` (two full-set rows, 367 and 927,
 build trees from a `Node` class that the solution itself defines, which is why tests run after
 the completion), then the asserts. `challenge_test_list` (11 rows) is left out, as everywhere.
+The program runs them rewritten (tasks/checks.py): each `==` through a comparator that wants
+builtin values, every name they use bound before the answer runs, each assert a test of its
+own (`CodeItem.program(completion, only=i)`).
 
 `sft_conversations` turns a split into supervised fine-tuning data (`data.train: mbpp` in an SFT
 config): the user turn is the zero-shot prompt, built by `load_mbpp` itself so it cannot drift
@@ -48,6 +51,7 @@ from typing import Any
 from lmforge.data.chat_rows import Conversation, iter_rows
 from lmforge.errors import UserError
 from lmforge.io import check_local_or_hub
+from lmforge.tasks import checks
 from lmforge.tasks.base import CodeItem
 
 HUB_ID = "google-research-datasets/mbpp"
@@ -241,6 +245,11 @@ def _shots(pool: list[dict[str, Any]], n_shot: int, task_id: int) -> str:
 
 
 def _item(p: dict[str, Any], shots: str, split: str) -> CodeItem:
+    try:  # the asserts rewritten to compare real values (tasks/checks.py), each its own test
+        harness = checks.for_asserts(p["asserts"], setup="\n".join(p["setup"]),
+                                     reference=p["code"])
+    except ValueError as e:
+        raise UserError(f"{p['where']}: {e}") from None
     return CodeItem(
         task_id=f"mbpp/{p['task_id']}",
         prompt=shots + mbpp_prompt(p["text"], p["asserts"]),
@@ -249,6 +258,7 @@ def _item(p: dict[str, Any], shots: str, split: str) -> CodeItem:
         entry_point=entry_point(p["code"], p["asserts"]),
         stop=STOP,
         meta={"text": p["text"], "task_id": p["task_id"], "split": split, "where": p["where"]},
+        harness=harness,
     )
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from lmforge import sandbox
 from lmforge.errors import UserError
 from lmforge.sandbox import Limits
+from lmforge.tasks import checks
 from lmforge.tasks.base import CodeItem
 from lmforge.train.progress import Ticker
 
@@ -157,7 +158,7 @@ Case = tuple[Any, Any]
 @dataclass(frozen=True)
 class Problem:
     """One function-writing problem: the prompt is the user turn, the solution the answer, and
-    the tests asserts that call `same`, run after an answer as `render_tests` renders them."""
+    the tests asserts that call `same`, run after an answer as `checked_program` lays them out."""
 
     task_id: str
     difficulty: int
@@ -421,39 +422,15 @@ def _test(entry: str, x: Any, y: Any) -> str:
     return f"assert same({call}, {y!r}), {f'{call} == {y!r}'!r}"
 
 
-# What every test calls. An answer's value passes only with the expected builtin types all the
-# way down, then equal: an object whose __eq__ says True to all, a subclass that overrides it,
-# or such an object inside a list fails, and no method of the answer's objects runs during the
-# check. Types come from literals (an answer can rebind `type` or `list`, not `[].__class__`),
-# and the tests run in a function the decorator calls before any name refers to it: an answer
-# cannot rebind `same` between asserts, nor read the expected values without frames or gc.
-_TESTS_HEAD = """\
-@lambda tests: tests()
-def _lmforge_tests():
-    def same(got, want, T=().__class__.__class__, L=[].__class__, D={}.__class__,
-             S="".__class__, scalars=((0).__class__, "".__class__, True.__class__)):
-        todo = [(got, want)]
-        while todo:
-            g, w = todo.pop()
-            if T(g) is not T(w) or (T(w) in (L, D) and g.__len__() != w.__len__()):
-                return False
-            if T(w) is L:
-                items = g.__iter__()
-                todo += [(items.__next__(), x) for x in w]
-            elif T(w) is D:
-                keys = [k for k in g if T(k) is S and k in w]
-                if keys.__len__() != w.__len__():
-                    return False
-                todo += [(g[k], w[k]) for k in keys]
-            elif T(w) not in scalars or g != w:
-                return False
-        return True
-"""
+def checked_program(code: str, tests: Sequence[str], only: int | None = None) -> str:
+    """The program that runs `code`, then `tests` (all, or only test `only`): the asserts call
+    the comparator every code task shares (tasks/checks.py), which wants exact builtin types
+    (here a bool is not an int), bound with all the tests use before the answer runs."""
+    return _harness(tests).program(code, only)
 
 
-def render_tests(tests: Sequence[str]) -> str:
-    """The code that runs `tests` (statements) after an answer: see `_TESTS_HEAD`."""
-    return _TESTS_HEAD + "".join(f"    {line}\n" for t in tests for line in t.splitlines())
+def _harness(tests: Sequence[str]) -> checks.Harness:
+    return checks.for_asserts(tests, numeric=False)
 
 
 @dataclass(frozen=True)
@@ -554,24 +531,20 @@ def _limits(timeout: float) -> Limits:
     return Limits(timeout_s=timeout)
 
 
-def _program(code: str, tests: Sequence[str]) -> str:
-    return code + "\n\n" + render_tests(tests) + "\n"
-
-
 def check_program(solution_code: str, tests: Sequence[str],
                   timeout: float = 5.0) -> tuple[str, str]:
     """Run untrusted code and its asserts in the sandbox: (status, stderr tail).
 
     status: "passed" (ran to its end), "failed" (an assert failed, or the program exited
     before its end), "timeout", or "error" (any other exception, syntax errors included)."""
-    r = sandbox.run(_program(solution_code, tests), _limits(timeout))
+    r = sandbox.run(checked_program(solution_code, tests), _limits(timeout))
     return r.status, r.stderr
 
 
 def run_checks(items: Sequence[tuple[str, Sequence[str]]], timeout: float = 5.0,
                workers: int = 2) -> list[str]:
     """Statuses of `check_program` for (solution, tests) pairs, in order, `workers` at a time."""
-    programs = [_program(code, tests) for code, tests in items]
+    programs = [checked_program(code, tests) for code, tests in items]
     tick = Ticker("sandbox checks", len(programs))
     return [r.status for r in sandbox.run_many(programs, _limits(timeout), workers=workers,
                                                progress=tick.advance)]
@@ -582,12 +555,12 @@ def to_code_items(problems: Sequence[Problem], signature_prefill: bool = True,
     """Problems as evaluation items. With `signature_prefill` the answer starts at
     `def name(arg):` (without its newline: in training that newline merges with the next
     line's indent into one token, so a prefill ending in a bare newline would be off-grid)."""
-    return [CodeItem(task_id=p.task_id, prompt=p.prompt, tests=render_tests(p.tests),
+    return [CodeItem(task_id=p.task_id, prompt=p.prompt, tests="\n".join(p.tests) + "\n",
                      reference=p.solution[len(p.solution.splitlines()[0]):] if signature_prefill
                      else p.solution, entry_point=p.entry_point,
                      head=p.solution.splitlines()[0] if signature_prefill else "",
                      meta={"difficulty": p.difficulty, "composition": list(p.composition),
-                           **({"group": group} if group else {})})
+                           **({"group": group} if group else {})}, harness=_harness(p.tests))
             for p in problems]
 
 

@@ -48,13 +48,44 @@ def test_program_layout_from_a_jsonl(tmp_path: Path) -> None:
     path.write_text(_text([_problem(1), _problem(2)]), encoding="utf-8")
     item = load_humaneval(path)[1]
     assert item.task_id == "Toy/2" and item.meta == {"where": f"{path}:2"}
-    assert item.program(item.reference) == (
-        'def inc2(x: int) -> int:\n    """x + 2"""\n'
-        "    return x + 2\n"
-        "\n\n"
-        "\n\ndef check(candidate):\n    assert candidate(1) == 3\n"
-        "\ncheck(inc2)\n"
-        "\n")
+    assert item.tests == "\n\ndef check(candidate):\n    assert candidate(1) == 3\n\ncheck(inc2)\n"
+    program = item.program(item.reference)
+    # the answer (prompt + completion) runs as module code, inside the tests' function and
+    # after the comparator is bound; the check compares through it
+    answer = repr('def inc2(x: int) -> int:\n    """x + 2"""\n    return x + 2\n')
+    assert program.startswith("@lambda program: program()\ndef _lmforge_program():\n")
+    assert program.index("same, exact = ") < program.index(f'({answer}, "answer.py", "exec")')
+    assert program.endswith("    def check(candidate):\n"
+                            "        assert same(candidate(1), 3), 'candidate(1) == 3'\n"
+                            "    check(inc2)\n")
+    exec(program, {})  # our toy's own code
+    with pytest.raises(AssertionError, match=r"candidate\(1\) == 3"):
+        exec(item.program("    return x + 1\n"), {})
+
+
+def test_each_asserting_statement_of_check_is_a_test(tmp_path: Path) -> None:
+    row = {**_problem(3), "test": "def check(candidate):\n    assert candidate(0) == 3\n"
+           "    xs = [1, 2]\n    for x in xs:\n        assert candidate(x) == x + 3\n"
+           "    assert candidate(-3) == 0\n"}
+    path = tmp_path / "toy.jsonl"
+    path.write_text(_text([row]), encoding="utf-8")
+    (item,) = load_humaneval(path)
+    assert item.test_list == ("assert candidate(0) == 3",
+                              "for x in xs:\n    assert candidate(x) == x + 3",
+                              "assert candidate(-3) == 0")
+    second = item.program(item.reference, only=1)
+    assert "xs = [1, 2]" in second and "candidate(0)" not in second and "candidate(-3)" not in second
+    wrong_at_zero = "    return x + 3 if x else 0\n"
+    verdicts = []
+    for program in item.test_programs(wrong_at_zero):
+        try:
+            exec(program, {})  # our toy's own code
+            verdicts.append(True)
+        except AssertionError:
+            verdicts.append(False)
+    assert verdicts == [False, True, True]
+    with pytest.raises(IndexError, match="has 3 tests"):
+        item.program(item.reference, only=3)
 
 
 def test_gzipped_file_and_its_row_errors(tmp_path: Path) -> None:

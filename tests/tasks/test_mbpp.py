@@ -96,10 +96,18 @@ def test_program_of_reference_layout(tmp_path: Path) -> None:
     item = load_mbpp(_write_jsonl(tmp_path / "m.jsonl", [row]), n_shot=0)[0]
     assert item.reference == "def area(x):\n  return x + 11"  # CRLF -> LF
     assert item.entry_point == "area"
-    assert item.program(item.reference) == (
-        "def area(x):\n  return x + 11\n\n"
-        "side = 2\n"
-        "assert area(0) == 11\nassert area(1) == 12\n")
+    assert item.tests == "side = 2\nassert area(0) == 11\nassert area(1) == 12"
+    assert item.test_list == ("assert area(0) == 11", "assert area(1) == 12")
+    program = item.program(item.reference)
+    # the answer runs as module code inside the tests' function, then the setup, then the
+    # asserts through the comparator, each with its own text as its message
+    answer = repr("def area(x):\n  return x + 11")
+    assert program.index("same, exact = ") < program.index(f'({answer}, "answer.py", "exec")')
+    assert program.endswith("    side = 2\n"
+                            "    assert same(area(0), 11), 'area(0) == 11'\n"
+                            "    assert same(area(1), 12), 'area(1) == 12'\n")
+    only = item.program(item.reference, only=1)
+    assert "area(0)" not in only and only.endswith("    assert same(area(1), 12), 'area(1) == 12'\n")
     assert item.prompt.endswith("assert area(0) == 11\nassert area(1) == 12\n[BEGIN]\n")
 
 

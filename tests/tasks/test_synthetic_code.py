@@ -16,13 +16,13 @@ from lmforge.tasks.synthetic_code import (
     Problem,
     Splits,
     check_program,
+    checked_program,
     compositions,
     extract_code,
     gen_input,
     is_held_out,
     make_problem,
     make_splits,
-    render_tests,
     run_checks,
     to_code_items,
 )
@@ -51,9 +51,7 @@ def value_matches(type_: str, value: object) -> bool:
 
 
 def _run_in_process(p: Problem) -> None:
-    namespace: dict[str, object] = {}
-    exec(p.solution, namespace)  # our own reference code, never model output
-    exec(render_tests(p.tests), namespace)
+    exec(checked_program(p.solution, p.tests), {})  # our own reference code, never model output
 
 
 def test_primitive_catalogue_covers_every_category() -> None:
@@ -293,10 +291,16 @@ def test_values_cannot_claim_to_be_right(splits: Splits) -> None:
 def test_code_items_run_the_same_tests(splits: Splits) -> None:
     p = splits.heldout[2][0]
     (item,) = to_code_items([p])
-    assert item.tests == render_tests(p.tests) and item.tests.count("assert same(") == len(p.tests)
+    assert item.test_list == p.tests and item.tests.count("assert same(") == len(p.tests)
+    assert item.program(item.reference) == checked_program(p.solution, p.tests)
     namespace: dict[str, object] = {}
     exec(item.program(item.reference), namespace)  # our own reference code
-    assert namespace["_lmforge_tests"] is None  # run by its decorator, then nothing names it
+    assert namespace["_lmforge_program"] is None  # run by its decorator, then nothing names it
+    assert namespace[p.entry_point].__name__ == p.entry_point  # the answer's, a global
+    # one test alone: the others are not in its program
+    alone = item.program(item.reference, only=1)
+    assert p.tests[1].split(",")[0] in alone and p.tests[0].split(",")[0] not in alone
+    assert len(item.test_programs(item.reference)) == len(p.tests)
 
 
 def test_checker_statuses() -> None:
