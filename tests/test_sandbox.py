@@ -1,5 +1,6 @@
 """The sandbox contains hostile programs: the parent stays alive, nothing is left on disk and
-no process outlives the run. Every case runs with the namespaces (`strong` where the kernel
+no process outlives the run. Every case runs on a pre-forked worker, one shot with the
+namespaces, and without them (the `weak` fallback); with the namespaces (`strong` where the kernel
 permits) and without them (the `weak` fallback), which must still contain what it claims to."""
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from lmforge.errors import UserError
 from tests.conftest import spawn
 
 STRONG = S.probe().level == "strong"
-MODES = [pytest.param(True, id="namespaces"), pytest.param(False, id="fallback")]
+# a pre-forked worker, the same isolation started for one run, and the weak fallback
+MODES = ["workers", "one-shot", "fallback"]
 
 
 def _sandbox_processes() -> tuple[set[int], set[int]]:
@@ -78,13 +80,14 @@ def contained():
     assert S.pool_pids() <= _sandbox_processes()[1]
 
 
-def _run(code: str, ns: bool, **kw: object) -> S.Result:
-    limits = S.Limits(**{"timeout_s": 2.0, "namespaces": ns, **kw})  # type: ignore[arg-type]
+def _run(code: str, ns: str, **kw: object) -> S.Result:
+    limits = S.Limits(**{"timeout_s": 2.0, "namespaces": ns != "fallback",  # type: ignore[arg-type]
+                         "prefork": ns == "workers", **kw})
     return S.run(code, limits)
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_pass_fail_error_and_early_exit(ns: bool, contained: None) -> None:
+def test_pass_fail_error_and_early_exit(ns: str, contained: None) -> None:
     assert _run("x = 2\nassert x * 3 == 6\nprint('hi')", ns).status == "passed"
     r = _run("assert 1 == 2, 'nope'", ns)
     assert (r.status, r.reason) == ("failed", "assertion failed")
@@ -179,7 +182,7 @@ assert False, "the tests"
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_no_route_to_a_pass_but_the_end(ns: bool, contained: None) -> None:
+def test_no_route_to_a_pass_but_the_end(ns: str, contained: None) -> None:
     r = _run(FORGER, ns)
     assert (r.status, r.reason) == ("failed", "exited before its end"), r.stderr
     routes = dict(line.split(": ", 1) for line in r.stdout.splitlines())
@@ -197,7 +200,7 @@ def test_no_route_to_a_pass_but_the_end(ns: bool, contained: None) -> None:
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_no_program_without_the_hook_can_read_the_token_holders(ns: bool,
+def test_no_program_without_the_hook_can_read_the_token_holders(ns: str,
                                                                 contained: None) -> None:
     # a program the program starts has no audit hook: where /proc is hidden (a PID namespace)
     # it may start, and finds neither the runner's memory nor the boot process's; elsewhere
@@ -252,40 +255,40 @@ assert subprocess.run([sys.executable, "-c", "print(6 * 7)"], capture_output=Tru
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_ordinary_programs_are_not_refused(ns: bool, contained: None) -> None:
+def test_ordinary_programs_are_not_refused(ns: str, contained: None) -> None:
     # the fallback run as root imports only the modules preloaded for it (see sandbox_boot)
-    code = COMMON + (MORE if ns and STRONG else "")
+    code = COMMON + (MORE if ns != "fallback" and STRONG else "")
     r = _run(code, ns, timeout_s=10.0)
     assert r.status == "passed", r.stderr
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_infinite_loop_times_out(ns: bool, contained: None) -> None:
+def test_infinite_loop_times_out(ns: str, contained: None) -> None:
     r = _run("while True:\n    pass", ns, timeout_s=1.0)
     assert r.status == "timeout" and 1.0 <= r.duration_s < 3.0
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_fork_bomb(ns: bool, contained: None) -> None:
+def test_fork_bomb(ns: str, contained: None) -> None:
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     r = _run(code, ns, timeout_s=1.5, nproc=32)
     assert r.status in ("timeout", "error")
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_huge_allocation(ns: bool, contained: None) -> None:
+def test_huge_allocation(ns: str, contained: None) -> None:
     r = _run("x = bytearray(10 * 2**30)", ns, memory_mb=512)
     assert r.status == "error" and "MemoryError" in r.stderr
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_deep_recursion(ns: bool, contained: None) -> None:
+def test_deep_recursion(ns: str, contained: None) -> None:
     code = "import sys\nsys.setrecursionlimit(10**7)\ndef f(n):\n    return f(n + 1)\nf(0)"
     assert _run(code, ns, timeout_s=4.0).status in ("error", "timeout")
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_output_is_capped(ns: bool, contained: None) -> None:
+def test_output_is_capped(ns: str, contained: None) -> None:
     r = _run("import sys\nsys.stdout.write('x' * 100_000_000)", ns, fsize_mb=8,
              output_bytes=1000)
     assert r.status == "error"
@@ -293,7 +296,7 @@ def test_output_is_capped(ns: bool, contained: None) -> None:
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_parent_environment_is_not_inherited(ns: bool, contained: None,
+def test_parent_environment_is_not_inherited(ns: str, contained: None,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMFORGE_SECRET", "s3cret")
     code = ("import os\nassert 'LMFORGE_SECRET' not in os.environ, os.environ\n"
@@ -302,7 +305,7 @@ def test_parent_environment_is_not_inherited(ns: bool, contained: None,
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_killing_the_parent(ns: bool, contained: None) -> None:
+def test_killing_the_parent(ns: str, contained: None) -> None:
     me = os.getpid()
     r = _run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
              "os.kill(0, signal.SIGKILL)", ns)
@@ -311,7 +314,7 @@ def test_killing_the_parent(ns: bool, contained: None) -> None:
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_no_network(ns: bool, contained: None) -> None:
+def test_no_network(ns: str, contained: None) -> None:
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
@@ -325,7 +328,7 @@ def test_no_network(ns: bool, contained: None) -> None:
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_writes_stay_in_the_work_directory(ns: bool, contained: None) -> None:
+def test_writes_stay_in_the_work_directory(ns: str, contained: None) -> None:
     with tempfile.TemporaryDirectory(prefix="lmforge-test-") as d:
         target = Path(d)
         target.chmod(0o777)  # writable by anyone: only the read-only view can stop this write
@@ -339,7 +342,7 @@ def test_writes_stay_in_the_work_directory(ns: bool, contained: None) -> None:
 
 
 @pytest.mark.parametrize("ns", MODES)
-def test_daemonized_grandchild_is_killed(ns: bool, contained: None, tmp_path: Path) -> None:
+def test_daemonized_grandchild_is_killed(ns: str, contained: None, tmp_path: Path) -> None:
     code = ("import os, time\n"
             "if os.fork() == 0:\n"
             "    os.setsid()\n"
@@ -353,16 +356,17 @@ def test_daemonized_grandchild_is_killed(ns: bool, contained: None, tmp_path: Pa
 
 
 def test_isolation_is_recorded() -> None:
-    weak = _run("pass", False).isolation
+    weak = _run("pass", "fallback").isolation
     assert weak.level == "weak" and not weak.layers["net_ns"] and not weak.layers["pid_ns"]
     assert "missing: " in weak.describe()
-    strong = _run("pass", True).isolation
-    assert strong.level == ("strong" if STRONG else "weak")
-    if STRONG:
-        assert all(strong.layers.values())
-    if os.geteuid() == 0:  # root drops to a uid of its own before the program runs
-        assert strong.layers["unprivileged"] and weak.layers["unprivileged"]
-        assert _run("import os\nassert os.getuid() != 0 and os.geteuid() != 0", True).passed
+    for mode in ("workers", "one-shot"):
+        strong = _run("pass", mode).isolation
+        assert strong.level == ("strong" if STRONG else "weak")
+        if STRONG:
+            assert all(strong.layers.values())
+        if os.geteuid() == 0:  # root drops to a uid of its own before the program runs
+            assert strong.layers["unprivileged"] and weak.layers["unprivileged"]
+            assert _run("import os\nassert os.getuid() != 0 and os.geteuid() != 0", mode).passed
 
 
 def test_run_many_keeps_order_and_runs_in_parallel(contained: None) -> None:
