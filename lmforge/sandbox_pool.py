@@ -138,6 +138,10 @@ class Worker:
                 os.close(code_fd)
                 os.close(done_w)
             outcome = self._outcome(*self._reply(timeout + GRACE_S), done_r)
+        except BaseException:
+            os.close(out)
+            os.close(err)
+            raise
         finally:
             os.close(done_r)
         outcome.stdout = _read_capped(out, output_bytes)
@@ -204,7 +208,9 @@ class Worker:
         os.close(self.report)
 
     def pids(self) -> set[int]:
-        return set() if self.closed else {self.proc.pid, self.zygote}
+        """Its boot and zygote while they run (a worker that died idle is retired later)."""
+        return set() if self.closed or self.proc.poll() is not None else {self.proc.pid,
+                                                                           self.zygote}
 
     def tail(self) -> str:
         self.log.seek(0)

@@ -235,3 +235,31 @@ def test_workers_end_with_their_parent() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_worker_that_stops_answering_is_killed_after_the_grace(
+        one_worker: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    _run("pass")
+    boot, zygote = _worker()
+    monkeypatch.setattr(S.sandbox_pool, "GRACE_S", 0.5)
+    os.kill(zygote, signal.SIGSTOP)  # it will not reap nor reply: the parent's clock decides
+    t0 = time.monotonic()
+    r = _run("pass", timeout_s=0.5)
+    assert r.status == "timeout" and time.monotonic() - t0 < 3
+    assert not {boot, zygote} & _alive() and _run("pass").passed
+
+
+def test_without_workers_runs_start_from_scratch(contained: None,  # noqa: F811
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    S.close_pool()
+    tried = []
+
+    def refuse(*args: object) -> None:
+        tried.append(args)
+        raise S.sandbox_pool.Unavailable({"pid_ns": False}, ["no worker here"])
+
+    monkeypatch.setattr(S.sandbox_pool, "start_worker", refuse)
+    assert S.run("pass").isolation.level == "strong"  # the one-shot path, as strong here
+    assert [r.status for r in S.run_many(["pass", "assert False"], LIMITS)] == ["passed", "failed"]
+    assert len(tried) == 1 and S.pool_pids() == set()  # asked once, then not again
+    S.close_pool()
