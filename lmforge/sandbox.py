@@ -225,7 +225,7 @@ def _signal_name(sig: int) -> str:
 
 
 def _classify(rc: int | None, done: dict[str, Any]) -> tuple[Status, str]:
-    """Map how the run ended to a status and a reason (exit codes: see sandbox_boot)."""
+    """Map how the run ended to a status and a reason (exit codes: see sandbox_runner)."""
     wait_status = done.get("wait_status")
     if rc is None:
         return "timeout", "wall-clock timeout"

@@ -263,3 +263,11 @@ def test_without_workers_runs_start_from_scratch(contained: None,  # noqa: F811
     assert [r.status for r in S.run_many(["pass", "assert False"], LIMITS)] == ["passed", "failed"]
     assert len(tried) == 1 and S.pool_pids() == set()  # asked once, then not again
     S.close_pool()
+
+
+def test_the_boot_and_the_runner_agree_on_their_constants() -> None:
+    # the boot cannot import the runner (isolated interpreter, -I): it keeps copies
+    from lmforge import sandbox_boot, sandbox_runner
+
+    assert (sandbox_boot.TOKEN_BYTES, sandbox_boot.SETUP_FAILED) == (
+        sandbox_runner.TOKEN_BYTES, sandbox_runner.SETUP_FAILED)
