@@ -14,10 +14,11 @@ and the reveal. If no reply comes within the timeout plus a grace, the worker is
 namespaces, and everything in them, go with its PID 1) and replaced; so is a worker that
 dies, or that reports a run it could not clean.
 
-The pool starts workers lazily (at most one per concurrent run), keeps up to `MAX_IDLE` idle
-ones for the next call, and kills them all at exit, on an interrupt of `run_many`, or when
-the parent dies (the boot process watches its stdin). A forked child of the parent forgets
-its parent's pool and starts its own.
+The pool starts workers lazily (at most one per concurrent run) and keeps up to `MAX_IDLE`
+idle ones for the next call. An interrupt kills the workers whose runs it cuts short (their
+programs must not outlive the call); exit kills them all, and so does the parent's death (the
+boot process watches its stdin). A forked child of the parent forgets its parent's pool and
+starts its own.
 """
 
 from __future__ import annotations
