@@ -59,6 +59,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["<|endoftext|>", "<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
@@ -80,23 +81,29 @@ def maxrss_mb() -> float:
 # --------------------------------------------------------------------------- setup (parent)
 
 
-def make_setup(work: Path, a: argparse.Namespace) -> dict:
-    """Tokenizer + model dir, and pairs.jsonl / val.jsonl whose every sequence fits."""
+def bench_tokenizer(texts: list[str], work: Path) -> Any:
+    """An 8k byte-level BPE trained on the task's texts plus stdlib code (to fill the
+    vocabulary), saved to work/tok, with lmforge's chat template."""
     from lmforge.chat import BUILTINS
-    from lmforge.config import ModelCfg
-    from lmforge.models import build_model, count_params, save_hf
-    from lmforge.tasks.synthetic_code import make_splits
     from lmforge.tokenizer import save_tokenizer, train_bpe
 
-    problems = list(make_splits(0, n_train=4 * (a.pairs + 8), n_eval=1).train)
-    std = Path(sysconfig.get_paths()["stdlib"])  # code text to fill an 8k vocabulary
-    texts = [p.prompt for p in problems] + [p.solution for p in problems]
-    for f in sorted(std.glob("*.py"))[:60]:
-        texts.append(f.read_text(errors="ignore"))
+    std = Path(sysconfig.get_paths()["stdlib"])
+    texts = list(texts) + [f.read_text(errors="ignore") for f in sorted(std.glob("*.py"))[:60]]
     tok = save_tokenizer(train_bpe(texts, VOCAB, SPECIALS), work / "tok", bos_token="<|bos|>",
                          eos_token="<|endoftext|>", pad_token="<|pad|>",
                          extra_special_tokens=SPECIALS[3:])
     tok.chat_template = BUILTINS["lmforge"].template
+    return tok
+
+
+def make_setup(work: Path, a: argparse.Namespace) -> dict:
+    """Tokenizer + model dir, and pairs.jsonl / val.jsonl whose every sequence fits."""
+    from lmforge.config import ModelCfg
+    from lmforge.models import build_model, count_params, save_hf
+    from lmforge.tasks.synthetic_code import make_splits
+
+    problems = list(make_splits(0, n_train=4 * (a.pairs + 8), n_eval=1).train)
+    tok = bench_tokenizer([p.prompt for p in problems] + [p.solution for p in problems], work)
     model = build_model(ModelCfg(preset=a.preset), tok, seed=0)
     save_hf(model, work / "model", tok)
     rng = random.Random(0)
@@ -362,30 +369,34 @@ def padding_free_probe(a: argparse.Namespace, work: Path) -> str:
     return "padding_free=True stays on in DPOTrainer (FlashAttention only; not on this CPU)"
 
 
-def run_rows(names: list[str], a: argparse.Namespace, work: Path, precision: str) -> list[tuple[str, dict]]:
-    """Every row in its own process, all started at once and handed the baton in turn."""
+def child_env(a: argparse.Namespace, work: Path) -> dict[str, str]:
+    """What every measured process runs under: no GPU, no hub, no progress bars, and the
+    same torch thread count."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_CACHE": str(work / "hf-datasets"), "PYTHONPATH": str(ROOT)}
     if a.threads:  # torch's intra-op pool size, the same for every row
         env["OMP_NUM_THREADS"] = str(a.threads)
+    return env
+
+
+def take_turns(jobs: list[tuple[str, list[str], Path, Path]], env: dict[str, str]
+               ) -> list[tuple[str, dict]]:
+    """Start every job (name, argv, result file, log file) at once, `--baton R,W` appended,
+    and hand the baton round robin, one optimizer step each, until every process has ended
+    (closed its pipe); then (name, its result, or {"error": its last log line})."""
     kids = []
-    for i, name in enumerate(names):
+    for name, argv, res, log in jobs:
         go_r, go_w = os.pipe()
         done_r, done_w = os.pipe()
-        res, log = work / f"result-{precision}-{i}.json", work / f"log-{precision}-{i}.txt"
-        cmd = [sys.executable, __file__, "--one", name, "--work", str(work), "--result", str(res),
-               "--baton", f"{go_r},{done_w}", "--precision", precision, "--steps", str(a.steps),
-               "--batch", str(a.batch), "--max-length", str(a.max_length), "--lr", str(a.lr),
-               "--beta", str(a.beta), "--warmup", str(a.warmup)]
         with log.open("w") as f:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                    pass_fds=(go_r, done_w))
+            proc = subprocess.Popen([*argv, "--baton", f"{go_r},{done_w}"], cwd=ROOT, env=env,
+                                    stdout=f, stderr=subprocess.STDOUT, pass_fds=(go_r, done_w))
         os.close(go_r)
         os.close(done_w)
         kids.append({"name": name, "proc": proc, "go": go_w, "done": done_r, "res": res, "log": log})
     active = list(kids)
-    while active:  # round robin; a row whose process ended (closed its pipe) drops out
+    while active:
         for k in list(active):
             try:
                 os.write(k["go"], b"g")
@@ -394,7 +405,7 @@ def run_rows(names: list[str], a: argparse.Namespace, work: Path, precision: str
                 alive = False
             if not alive:
                 active.remove(k)
-                print(f"done: {k['name']} ({precision})", file=sys.stderr, flush=True)
+                print(f"done: {k['name']}", file=sys.stderr, flush=True)
     rows = []
     for k in kids:
         rc = k["proc"].wait()
@@ -402,10 +413,23 @@ def run_rows(names: list[str], a: argparse.Namespace, work: Path, precision: str
         os.close(k["done"])
         if rc != 0 or not k["res"].exists():
             tail = k["log"].read_text().strip().splitlines()[-1:] or ["no output"]
-            rows.append((k["name"], {"error": f"exit {rc}: {tail[0][:160]}"}))
+            rows.append((k["name"], {"error": f"exit {rc}: {tail[0][:200]} (log: {k['log']})"}))
         else:
             rows.append((k["name"], json.loads(k["res"].read_text())))
     return rows
+
+
+def run_rows(names: list[str], a: argparse.Namespace, work: Path, precision: str) -> list[tuple[str, dict]]:
+    """Every row in its own process, all started at once and handed the baton in turn."""
+    jobs = []
+    for i, name in enumerate(names):
+        res, log = work / f"result-{precision}-{i}.json", work / f"log-{precision}-{i}.txt"
+        jobs.append((f"{name} ({precision})", [
+            sys.executable, __file__, "--one", name, "--work", str(work), "--result", str(res),
+            "--precision", precision, "--steps", str(a.steps), "--batch", str(a.batch),
+            "--max-length", str(a.max_length), "--lr", str(a.lr), "--beta", str(a.beta),
+            "--warmup", str(a.warmup)], res, log))
+    return [(name.rsplit(" (", 1)[0], r) for name, r in take_turns(jobs, child_env(a, work))]
 
 
 def cpu_line() -> str:

@@ -79,9 +79,7 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -89,9 +87,6 @@ from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECIALS = ["<|endoftext|>", "<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
-            "<|end|>"]
-VOCAB = 8192
 TARGET_TIME, TARGET_MEM = 0.50, 1.00  # lmforge / TRL, each at most
 SIDES = ("lmforge", "TRL")
 
@@ -130,21 +125,13 @@ def make_setup(work: Path, a: argparse.Namespace) -> dict[str, Any]:
     """Tokenizer + model dir, the prompts (checked to tokenize alike), lmforge's config."""
     import yaml
 
-    from lmforge.chat import BUILTINS
     from lmforge.config import ModelCfg
     from lmforge.eval.harness import Generator
     from lmforge.models import build_model, count_params, save_hf
-    from lmforge.tokenizer import save_tokenizer, train_bpe
 
     items = code_items(a)
-    std = Path(sysconfig.get_paths()["stdlib"])  # code text to fill an 8k vocabulary
-    texts = [it.prompt for it in items] + [it.head + it.reference for it in items]
-    for f in sorted(std.glob("*.py"))[:60]:
-        texts.append(f.read_text(errors="ignore"))
-    tok = save_tokenizer(train_bpe(texts, VOCAB, SPECIALS), work / "tok", bos_token="<|bos|>",
-                         eos_token="<|endoftext|>", pad_token="<|pad|>",
-                         extra_special_tokens=SPECIALS[3:])
-    tok.chat_template = BUILTINS["lmforge"].template
+    tok = _dpo.bench_tokenizer([it.prompt for it in items] + [it.head + it.reference for it in items],
+                               work)
     model = build_model(ModelCfg(preset=a.preset), tok, seed=0)
     stops = [tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id]
     model.generation_config.eos_token_id = stops  # TRL stops at these; lmforge adds them too
@@ -357,51 +344,17 @@ def trl_status() -> str | None:
 
 def run_sides(names: list[str], a: argparse.Namespace, work: Path) -> dict[str, dict[str, Any]]:
     """Each side in its own process, both started at once and handed the baton in turn."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_CACHE": str(work / "hf-datasets"), "PYTHONPATH": str(ROOT)}
-    if a.threads:
-        env["OMP_NUM_THREADS"] = str(a.threads)
-    kids = []
+    jobs = []
     for name in names:
-        go_r, go_w = os.pipe()
-        done_r, done_w = os.pipe()
         res, log = work / f"result-{name}.json", work / f"log-{name}.txt"
         cmd = [sys.executable, __file__, "--one", name, "--work", str(work), "--result", str(res),
-               "--baton", f"{go_r},{done_w}", "--steps", str(a.steps), "--prompts",
+               "--steps", str(a.steps), "--prompts",
                str(a.prompts), "--G", str(a.G), "--max-new-tokens", str(a.max_new_tokens),
                "--micro", str(a.micro), "--lr", str(a.lr), "--beta", str(a.beta),
                "--warmup", str(a.warmup), "--preset", a.preset]
         cmd += ["--threads", str(a.threads)] if a.threads else []
-        with log.open("w") as f:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                    pass_fds=(go_r, done_w))
-        os.close(go_r)
-        os.close(done_w)
-        kids.append({"name": name, "proc": proc, "go": go_w, "done": done_r, "res": res,
-                     "log": log})
-    active = list(kids)
-    while active:  # round robin; a side whose process ended (closed its pipe) drops out
-        for k in list(active):
-            try:
-                os.write(k["go"], b"g")
-                alive = os.read(k["done"], 1) != b""
-            except BrokenPipeError:
-                alive = False
-            if not alive:
-                active.remove(k)
-                print(f"done: {k['name']}", file=sys.stderr, flush=True)
-    got = {}
-    for k in kids:
-        rc = k["proc"].wait()
-        os.close(k["go"])
-        os.close(k["done"])
-        if rc != 0 or not k["res"].exists():
-            tail = k["log"].read_text().strip().splitlines()[-1:] or ["no output"]
-            got[k["name"]] = {"error": f"exit {rc}: {tail[0][:200]} (log: {k['log']})"}
-        else:
-            got[k["name"]] = json.loads(k["res"].read_text())
-    return got
+        jobs.append((name, cmd, res, log))
+    return dict(_dpo.take_turns(jobs, _dpo.child_env(a, work)))
 
 
 def summarize(r: dict[str, Any], warmup: int) -> dict[str, float]:

@@ -11,22 +11,8 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from lmforge.errors import UserError
 from lmforge.rl.rollout import HfEngine, SamplingCfg, pick, teacher_forced_logps
-from lmforge.tokenizer import save_tokenizer, train_bpe
 from tests.conftest import micro_llama
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    return save_tokenizer(train_bpe(["def f(x): return x + 1\n\n" * 20] * 5, 270, ["<e>", "<p>"], 1),
-                          out, bos_token="<e>", eos_token="<e>", pad_token="<p>",
-                          extra_special_tokens=[])
-
-
-def _prompts(tok, n: int) -> list[list[int]]:
-    texts = ["def f(x):", "return", "x + 1", "def", "f(x): return x", "1", "def f", "x"]
-    return [[tok.eos_token_id, *tok(texts[i % len(texts)], add_special_tokens=False)["input_ids"]]
-            for i in range(n)]
+from tests.rl.conftest import make_prompts
 
 
 def _gpt2(vocab: int) -> torch.nn.Module:
@@ -46,7 +32,7 @@ def test_sampled_logps_equal_teacher_forced(tok, arch: str, temperature: float) 
     model = (micro_llama(vocab=len(tok)) if arch == "llama" else _gpt2(len(tok))).float()
     eng = HfEngine(model, tok, [tok.eos_token_id], tok.pad_token_id)
     cfg = SamplingCfg(max_new_tokens=12, temperature=temperature, batch_size=5)
-    ro = eng.generate(_prompts(tok, 11), cfg, torch.Generator().manual_seed(0))
+    ro = eng.generate(make_prompts(tok, 11), cfg, torch.Generator().manual_seed(0))
     ref = teacher_forced_logps(model, ro, temperature, tok.pad_token_id)
     assert ro.tokens.shape == ro.logps.shape == ro.mask.shape
     torch.testing.assert_close(ro.logps, ref, atol=1e-5, rtol=0)
@@ -60,7 +46,7 @@ def test_eos_ends_a_row_and_is_kept(tok) -> None:
     model = micro_llama(vocab=len(tok))
     eos = tok.eos_token_id
     eng = HfEngine(model, tok, [eos], tok.pad_token_id)
-    ro = eng.generate(_prompts(tok, 64), SamplingCfg(max_new_tokens=20, temperature=3.0, batch_size=16),
+    ro = eng.generate(make_prompts(tok, 64), SamplingCfg(max_new_tokens=20, temperature=3.0, batch_size=16),
                       torch.Generator().manual_seed(1))
     assert {"eos", "length"} <= set(ro.finish), "the test needs rows of both kinds"
     for i in range(64):
@@ -76,7 +62,7 @@ def test_stop_string_cuts_text_not_ids(tok) -> None:
     are kept up to the token that completed it (never re-tokenized)."""
     model = micro_llama(vocab=len(tok))
     eng = HfEngine(model, tok, [tok.eos_token_id], tok.pad_token_id)
-    ro = eng.generate(_prompts(tok, 12), SamplingCfg(max_new_tokens=24, temperature=2.0, stop=("x",)),
+    ro = eng.generate(make_prompts(tok, 12), SamplingCfg(max_new_tokens=24, temperature=2.0, stop=("x",)),
                       torch.Generator().manual_seed(2))
     hit = [i for i in range(12) if ro.finish[i] == "stop"]
     assert hit, "the test needs rows that meet the stop string"
@@ -93,10 +79,10 @@ def test_same_seed_same_rollouts_any_batch_size(tok) -> None:
     model = micro_llama(vocab=len(tok))
     eng = HfEngine(model, tok, [tok.eos_token_id], tok.pad_token_id)
     cfg = SamplingCfg(max_new_tokens=10, temperature=1.0, batch_size=4)
-    a = eng.generate(_prompts(tok, 9), cfg, torch.Generator().manual_seed(5))
-    b = eng.generate(_prompts(tok, 9), cfg, torch.Generator().manual_seed(5))
+    a = eng.generate(make_prompts(tok, 9), cfg, torch.Generator().manual_seed(5))
+    b = eng.generate(make_prompts(tok, 9), cfg, torch.Generator().manual_seed(5))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logps, b.logps)
-    c = eng.generate(_prompts(tok, 9), cfg, torch.Generator().manual_seed(6))
+    c = eng.generate(make_prompts(tok, 9), cfg, torch.Generator().manual_seed(6))
     assert not torch.equal(a.tokens, c.tokens)
 
 
@@ -138,7 +124,7 @@ def test_trainer_logps_equal_the_samplers(tok, arch: str, fast: bool, monkeypatc
         monkeypatch.setattr(models, "PLAIN_HEAD", frozenset())
     model = (micro_llama(vocab=len(tok)) if arch == "llama" else _gpt2(len(tok))).float()
     eng = HfEngine(model, tok, [tok.eos_token_id], tok.pad_token_id)
-    ro = eng.generate(_prompts(tok, 9), SamplingCfg(max_new_tokens=10, temperature=0.7),
+    ro = eng.generate(make_prompts(tok, 9), SamplingCfg(max_new_tokens=10, temperature=0.7),
                       torch.Generator().manual_seed(3))
     b = rollout_batch(ro, torch.zeros(9), tok.pad_token_id, seed=0)
     assert b["input_ids"].size(0) < 9  # packed: several rollouts share a row
@@ -153,7 +139,7 @@ def test_groups_share_one_prefill(tok) -> None:
     are still the teacher-forced ones, and the copies draw different completions."""
     model = micro_llama(vocab=len(tok))
     eng = HfEngine(model, tok, [tok.eos_token_id], tok.pad_token_id)
-    prompts = [p for p in _prompts(tok, 3) for _ in range(4)]
+    prompts = [p for p in make_prompts(tok, 3) for _ in range(4)]
     ro = eng.generate(prompts, SamplingCfg(max_new_tokens=8, temperature=1.0),
                       torch.Generator().manual_seed(4))
     torch.testing.assert_close(ro.logps, teacher_forced_logps(model, ro, 1.0, tok.pad_token_id),

@@ -29,23 +29,9 @@ from lmforge.errors import UserError
 from lmforge.models import apply_lora
 from lmforge.rl.rollout import SamplingCfg, make_engine, teacher_forced_logps
 from lmforge.rl.vllm_engine import VllmEngine, policy_weights
-from lmforge.tokenizer import save_tokenizer, train_bpe
+from tests.rl.conftest import make_prompts
 
 ATOL = {"cpu": 1e-4, "cuda": 0.15}
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    return save_tokenizer(train_bpe(["def f(x): return x + 1\n\n" * 20] * 5, 270, ["<e>", "<p>"], 1),
-                          out, bos_token="<e>", eos_token="<e>", pad_token="<p>",
-                          extra_special_tokens=[])
-
-
-def _prompts(tok, n: int) -> list[list[int]]:
-    texts = ["def f(x):", "return", "x + 1", "def", "f(x): return x", "1", "def f", "x"]
-    return [[tok.eos_token_id, *tok(texts[i % len(texts)], add_special_tokens=False)["input_ids"]]
-            for i in range(n)]
 
 
 def _model(arch: str, vocab: int, seed: int = 0) -> torch.nn.Module:
@@ -154,7 +140,7 @@ def _gap(model, ro, temperature: float, pad: int) -> float:
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
 def test_engine_logps_equal_teacher_forced(setup, tok, temperature: float) -> None:
     model, eng, device = setup
-    ro = eng.generate(_prompts(tok, 11), SamplingCfg(max_new_tokens=12, temperature=temperature),
+    ro = eng.generate(make_prompts(tok, 11), SamplingCfg(max_new_tokens=12, temperature=temperature),
                       torch.Generator().manual_seed(0))
     assert ro.tokens.shape == ro.logps.shape == ro.mask.shape and ro.tokens.size(0) == 11
     assert _gap(model, ro, temperature, tok.pad_token_id) <= ATOL[device]
@@ -174,12 +160,12 @@ def test_sync_samples_from_the_new_weights(setup, tok) -> None:
     cfg = SamplingCfg(max_new_tokens=12)
     try:
         eng.sync(new)
-        ro = eng.generate(_prompts(tok, 8), cfg, torch.Generator().manual_seed(0))
+        ro = eng.generate(make_prompts(tok, 8), cfg, torch.Generator().manual_seed(0))
         assert _gap(new, ro, 1.0, tok.pad_token_id) <= ATOL[device]
         assert _gap(model, ro, 1.0, tok.pad_token_id) > 1.0
     finally:
         eng.sync(model)
-    ro = eng.generate(_prompts(tok, 8), cfg, torch.Generator().manual_seed(0))
+    ro = eng.generate(make_prompts(tok, 8), cfg, torch.Generator().manual_seed(0))
     assert _gap(model, ro, 1.0, tok.pad_token_id) <= ATOL[device]
 
 
@@ -191,7 +177,7 @@ def test_sync_merges_a_peft_policy(setup, tok, method: str) -> None:
     peft = _peft(copy.deepcopy(model), method, new_ids=[len(tok) - 1])
     try:
         eng.sync(peft)
-        ro = eng.generate(_prompts(tok, 8), SamplingCfg(max_new_tokens=12),
+        ro = eng.generate(make_prompts(tok, 8), SamplingCfg(max_new_tokens=12),
                           torch.Generator().manual_seed(0))
         assert _gap(peft, ro, 1.0, tok.pad_token_id) <= ATOL[device]
         assert _gap(model, ro, 1.0, tok.pad_token_id) > 1e-2
@@ -205,7 +191,7 @@ def test_stops_finish_reasons_and_texts(setup, tok) -> None:
     limit ('length'). Ids are the sampled ones, never re-tokenized."""
     model, eng, _ = setup
     eos = tok.eos_token_id
-    ro = eng.generate(_prompts(tok, 48), SamplingCfg(max_new_tokens=16, temperature=2.0, stop=("x",)),
+    ro = eng.generate(make_prompts(tok, 48), SamplingCfg(max_new_tokens=16, temperature=2.0, stop=("x",)),
                       torch.Generator().manual_seed(4))
     assert {"eos", "stop", "length"} <= set(ro.finish), "the test needs rows of each kind"
     for i in range(48):
@@ -227,9 +213,9 @@ def test_seeded_and_process_state_kept(setup, tok) -> None:
     _, eng, _ = setup
     cfg = SamplingCfg(max_new_tokens=10)
     state, threads = torch.get_rng_state(), torch.get_num_threads()
-    a = eng.generate(_prompts(tok, 9), cfg, torch.Generator().manual_seed(5))
-    b = eng.generate(_prompts(tok, 9), cfg, torch.Generator().manual_seed(5))
-    c = eng.generate(_prompts(tok, 9), cfg, torch.Generator().manual_seed(6))
+    a = eng.generate(make_prompts(tok, 9), cfg, torch.Generator().manual_seed(5))
+    b = eng.generate(make_prompts(tok, 9), cfg, torch.Generator().manual_seed(5))
+    c = eng.generate(make_prompts(tok, 9), cfg, torch.Generator().manual_seed(6))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logps, b.logps)
     assert not torch.equal(a.tokens, c.tokens)
     assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == threads
