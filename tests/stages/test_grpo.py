@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.config import load_config
+from lmforge.config import RmCfg, load_config
 from lmforge.io import read_jsonl
 from lmforge.rl.config import GrpoCfg
 from lmforge.stages import run_stage
@@ -61,8 +61,15 @@ def test_first_step_is_the_policy_gradient(tiny_run: Path, tmp_path: Path) -> No
     """At step 1 the policy is the sampler (ratio exp(0) = 1, no clipping) and the reference
     (KL 0), so token_mean's loss is -sum_i A_i n_i / sum_i n_i over the logged rollouts
     (A_i the group-normalized reward, n_i the completion's tokens). fp32 sums of 8 terms of
-    order 1: a few ulps; 1e-5 bounds that and catches any misweighted sequence (>= 1e-2)."""
-    grpo(tiny_run, tmp_path / "g", "train.max_steps=1")
+    order 1: a few ulps; 1e-5 bounds that and catches any misweighted sequence (>= 1e-2).
+    The reward is a reward model's (a few steps of the rm stage on the tiny pairs): a scalar
+    that tells every answer apart, so every group has signal, on any CPU's draws."""
+    rm = run_stage("rm", load_config(RmCfg, ROOT / "configs/rm/tiny.yaml", [
+        f"model.path={tiny_run / 'sft'}", f"data.train={tiny_run / 'pairs'}",
+        f"run.dir={tmp_path / 'rm'}", "train.max_steps=2", "train.eval_every=0",
+        "log.progress=off"]))
+    grpo(tiny_run, tmp_path / "g", "train.max_steps=1",
+         f"rewards=[{{kind: reward_model, path: {rm['final_dir']}}}]")
     rows = [r for r in read_jsonl(tmp_path / "g" / "rollouts.jsonl") if r["step"] == 1]
     adv = torch.tensor([r["advantage"] for r in rows], dtype=torch.float64)
     n = torch.tensor([r["tokens"] for r in rows], dtype=torch.float64)
