@@ -349,7 +349,8 @@ def write_report(root: Path, cfg: PipelineCfg, summaries: dict[str, dict[str, An
             lines += ["## Preference pairs", "", *pairs_lines(name, s), ""]
         if stage_of[name] in ("dpo", "kto"):
             lines += ["## Preference optimisation", "", *preference_lines(name, s), ""]
-            lines += [*compare_pass_lines(summaries, stage_of), ""]
+            if "grpo" not in stage_of.values():  # else the RL section shows the comparison
+                lines += [*compare_pass_lines(summaries, stage_of), ""]
         if stage_of[name] == "grpo":
             lines += ["## Online RL", "", *rl_lines(root, name, s), ""]
             lines += [*compare_pass_lines(summaries, stage_of), ""]

@@ -149,3 +149,13 @@ def test_bad_settings_are_one_line(tiny_run: Path, tmp_path: Path, over: list[st
                 f"run.dir={tmp_path / 'out'}", *over, cwd=tmp_path)
     assert r.returncode == 2, (over, r.stderr[-800:])
     assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("over", [["lora.method=lora"], ["ref.kind=frozen"]])
+def test_reference_is_the_starting_policy(tiny_run: Path, tmp_path: Path, over: list[str]) -> None:
+    """Under LoRA the reference is the adapter-disabled base (no second model), else a frozen
+    copy: either way it equals the policy at step 1 (LoRA's B starts at 0), so the k3 KL there
+    is 0 up to fp32 rounding of identical forwards (~1e-7 per token; 1e-5 bounds it)."""
+    s = grpo(tiny_run, tmp_path / "r", "train.max_steps=1", *over)
+    assert ("adapter-disabled" in s["reference"]) == (over == ["lora.method=lora"])
+    assert abs(read_jsonl(tmp_path / "r" / "metrics.jsonl")[0]["kl"]) < 1e-5
