@@ -189,6 +189,9 @@ class GrpoCfg(TrainingCfg):
         if self.loss.beta > 0 and (self.loss.kl == "none" or self.ref.kind == "none"):
             raise ValueError("loss.beta > 0 needs a KL estimator (loss.kl) and a reference "
                              "(ref.kind); set loss.beta=0 to train without one")
+        if self.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: a GRPO step trains on all its rollouts, cut into "
+                             "micro-batches of train.micro_batch_size; leave grad_accum at 1")
         if self.train.micro_batch_size > self.rollout.group_size * self.rollout.prompts_per_step:
             raise ValueError("train.micro_batch_size is more sequences than a step samples "
                              "(rollout.group_size * rollout.prompts_per_step)")
