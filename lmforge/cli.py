@@ -21,6 +21,7 @@ from lmforge.io import storage_error
 from lmforge.stages import STAGES
 
 SYNTH = {"pairs": "pairs"}  # `lmforge synth KIND` -> the stage that makes it
+BENCH = {"quantize": "quantize"}  # `lmforge bench KIND CHECKPOINT` -> the stage that measures it
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.path=value")
         if name == "eval":
             _eval_flags(s)
+        if name == "quantize":
+            _quantize_flags(s, bench=False)
         if name == "sft":
             s.add_argument("--preview", type=int, default=0, metavar="N",
                            help="print N rendered training examples, loss tokens in [[...]], and exit")
@@ -38,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
                        "pairs judged by running the answers' tests)")
     y.add_argument("kind", choices=sorted(SYNTH), help="what to make")
     y.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.path=value")
+    b = sub.add_parser("bench", help="measure a checkpoint side by side: `bench quantize CKPT` "
+                       "(one row per quantization method)")
+    b.add_argument("kind", choices=sorted(BENCH), help="what to compare")
+    b.add_argument("args", nargs="+", metavar="CHECKPOINT [key.path=value ...]")
+    _quantize_flags(b, bench=True)
     m = sub.add_parser("merge", help="merge a LoRA/DoRA/QLoRA adapter into its base model")
     m.add_argument("adapter", type=Path, help="an adapter dir (e.g. runs/demo/sft/final/adapter)")
     m.add_argument("--base", help="base model dir or hub id (default: the adapter's own record)")
@@ -84,13 +92,62 @@ def _eval_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--baseline", help="the model the judge compares this one with")
 
 
-def _eval_dir(checkpoint: str) -> Path:
-    """Next to the checkpoint: runs/x/sft/final -> runs/x/sft/eval (never inside an HF dir);
-    a hub id -> runs/eval/<id>."""
+def _next_to(checkpoint: str, name: str) -> Path:
+    """Next to the checkpoint: runs/x/sft/final -> runs/x/sft/NAME (never inside an HF dir);
+    a hub id -> runs/NAME/<id>."""
     p = Path(checkpoint.rstrip("/"))
     if not p.exists():
-        return Path("runs/eval") / checkpoint.replace("/", "__")
-    return p.parent / "eval" if (p / "config.json").exists() else p / "eval"
+        return Path("runs") / name / checkpoint.replace("/", "__")
+    return p.parent / name if (p / "config.json").exists() else p / name
+
+
+def _quantize_flags(s: argparse.ArgumentParser, bench: bool) -> None:
+    if bench:
+        s.description = ("`lmforge bench quantize CHECKPOINT [--methods a,b] [--text PATH] "
+                         "[--out DIR] [key=value ...]`: one row per method, fp32 the reference")
+        s.add_argument("--methods", help="comma-separated, e.g. fp32,fp16,bnb-int8,bnb-nf4 "
+                       "(default: all)")
+        s.add_argument("--text", help="held-out text for perplexity and KL (.txt, .jsonl, or a "
+                       "corpus stage dir); default: held-out synthetic-code problems")
+    else:
+        s.description = ("`lmforge quantize CHECKPOINT --method M [--out DIR]` or "
+                         "`lmforge quantize CONFIG.yaml [key=value ...]`")
+        s.add_argument("--method", help="fp32, bf16, fp16, bnb-int8, bnb-nf4[-dq], "
+                       "bnb-fp4[-dq], torchao-int8wo, torchao-int4wo, torchao-int8dq")
+    s.add_argument("--out", help="output directory (run.dir; the export goes to its final/)")
+    s.add_argument("--threshold", type=float, help="LLM.int8 outlier threshold (int8_threshold)")
+    s.add_argument("--compute-dtype", help="4-bit matmul dtype: auto, fp32, bf16, fp16")
+    s.add_argument("--device", help="auto, cpu, cuda")
+
+
+def _quantize_overrides(ns: argparse.Namespace, args: list[str], bench: bool
+                        ) -> tuple[Path | None, list[str]]:
+    """`quantize CHECKPOINT --method M` / `bench quantize CHECKPOINT` become the quantize
+    stage's config: flags are overrides (quoted as JSON, so YAML reads them as typed)."""
+    path: Path | None = None
+    over: list[str] = []
+    if args and "=" not in args[0]:
+        if args[0].endswith((".yaml", ".yml")) and not bench:
+            path = Path(args[0])
+        else:
+            where = "quantize-bench" if bench else f"quantize-{ns.method or 'bnb-int8'}"
+            out = ns.out or str(_next_to(args[0], where))
+            over += [f"model.path={json.dumps(args[0])}", f"run.dir={json.dumps(out)}"]
+        args = args[1:]
+    elif ns.out:
+        over.append(f"run.dir={json.dumps(ns.out)}")
+    if bench:  # the table only; `bench={}` turns it on with its defaults
+        over += ["method=null", "bench={}"]
+        if ns.methods:
+            over.append(f"bench.methods={json.dumps([m.strip() for m in ns.methods.split(',') if m.strip()])}")
+        if ns.text:
+            over.append(f"bench.text={json.dumps(ns.text)}")
+    elif ns.method:
+        over.append(f"method={json.dumps(ns.method)}")
+    flags = {"int8_threshold": ns.threshold, "compute_dtype": ns.compute_dtype, "device": ns.device}
+    over += [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in flags.items()
+             if v is not None]
+    return path, over + args
 
 
 def _eval_overrides(ns: argparse.Namespace, args: list[str]) -> tuple[Path | None, list[str]]:
@@ -103,7 +160,7 @@ def _eval_overrides(ns: argparse.Namespace, args: list[str]) -> tuple[Path | Non
         if args[0].endswith((".yaml", ".yml")):
             path = Path(args[0])
         else:
-            out = ns.out or str(_eval_dir(args[0]))
+            out = ns.out or str(_next_to(args[0], "eval"))
             over += [f"model.path={json.dumps(args[0])}", f"run.dir={json.dumps(out)}"]
         args = args[1:]
     elif ns.out:
@@ -154,11 +211,20 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
     if ns.command == "synth":
         ns.command = SYNTH[ns.kind]
-    if ns.command == "eval":
+    if ns.command == "bench":
+        ns.command = BENCH[ns.kind]
+        path, overrides = _quantize_overrides(ns, ns.args, bench=True)
+    elif ns.command == "quantize":
+        path, overrides = _quantize_overrides(ns, ns.args, bench=False)
+    elif ns.command == "eval":
         path, overrides = _eval_overrides(ns, ns.args)
     else:
         path, overrides = _split_args(ns.args)
     cfg = load_config(STAGES[ns.command], path, overrides)
+    if ns.command == "quantize":  # run.dir may come from --out: never another stage's
+        from lmforge.stages.quantize import check_run_dir
+
+        check_run_dir(cfg.run.dir)  # type: ignore[attr-defined]
     if getattr(ns, "preview", 0):
         from lmforge.stages.sft import preview
 

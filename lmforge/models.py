@@ -165,10 +165,14 @@ def _damaged_weights(d: Path, e: Exception) -> str:
 
 
 def save_hf(model: PreTrainedModel, out: Path,
-            tokenizer: PreTrainedTokenizerBase | None = None, kind: str = "model") -> None:
-    """Write an HF directory atomically (temp dir, then rename): safetensors + portable config."""
+            tokenizer: PreTrainedTokenizerBase | None = None, kind: str = "model",
+            extra: dict[str, str] | None = None) -> None:
+    """Write an HF directory atomically (temp dir, then rename): safetensors + portable config,
+    plus `extra` text files (name -> content), all in the directory's list of written files."""
     with atomic_dir(out) as tmp:
         _write_hf(model, tmp, tokenizer)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         record_written(tmp, kind)
 
 
@@ -354,24 +358,35 @@ def check_targets(model: nn.Module, targets: list[str] | str) -> None:
                             f"{', '.join(linear_module_names(model))}")
 
 
-def load_quantized(path: str, lora: LoraCfg, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A 4-bit base for QLoRA (Dettmers et al. 2023): NF4 weights, optionally double-quantized
-    constants, matmuls in `compute_dtype`. Everything not quantized is kept in fp32."""
+def bnb_config(bits: int, what: str, *, quant_type: str = "nf4", double_quant: bool = False,
+               compute_dtype: torch.dtype = torch.float32, int8_threshold: float = 6.0) -> Any:
+    """The BitsAndBytesConfig of every bitsandbytes load (QLoRA's base, `lmforge quantize`):
+    8-bit is LLM.int8() (Dettmers et al. 2022), activation columns above `int8_threshold` kept
+    in fp16; 4-bit is NF4/FP4 with blockwise constants, optionally quantized again (double
+    quantization). `what` names the setting that asked, for the missing-extra line."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise UserError("lora.method=qlora needs bitsandbytes: pip install 'lmforge[quant]'") from None
+        raise UserError(f"{what} needs bitsandbytes: pip install 'lmforge[quant]'") from None
     from transformers import BitsAndBytesConfig
 
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_quantized(path: str, lora: LoraCfg, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A 4-bit base for QLoRA (Dettmers et al. 2023): NF4 weights, optionally double-quantized
+    constants, matmuls in `compute_dtype`. Everything not quantized is kept in fp32."""
     from lmforge.train.precision import DTYPES, choose
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     choice = choose(lora.compute_dtype, device)  # auto: bf16 only where it is fast here
     print(f"qlora compute dtype: {choice.line()}")
-    compute = DTYPES[choice.name]
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lora.quant_type,
-                           bnb_4bit_use_double_quant=lora.double_quant,
-                           bnb_4bit_compute_dtype=compute)
+    q = bnb_config(4, "lora.method=qlora", quant_type=lora.quant_type,
+                   double_quant=lora.double_quant, compute_dtype=DTYPES[choice.name])
     check_local_or_hub(path, "model")
     return AutoModelForCausalLM.from_pretrained(  # type: ignore[no-any-return]
         path, quantization_config=q, dtype=torch.float32, trust_remote_code=trust_remote_code)

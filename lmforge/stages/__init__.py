@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lmforge import config as C
+from lmforge.compress.config import DistillCfg, PruneCfg, QuantizeCfg
 from lmforge.errors import UserError
 from lmforge.io import atomic_write_json, ensure_writable_dir, storage_errors
 from lmforge.rl.config import GrpoCfg
@@ -27,6 +28,9 @@ STAGES: dict[str, type[C.Cfg]] = {
     "dpo": C.DpoCfg,
     "kto": C.KtoCfg,
     "grpo": GrpoCfg,
+    "distill": DistillCfg,
+    "prune": PruneCfg,
+    "quantize": QuantizeCfg,
     "eval": C.EvalCfg,
 }
 
