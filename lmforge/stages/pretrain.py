@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lmforge.compress.prune import keep_sparsity
 from lmforge.config import PretrainCfg
 from lmforge.data.pack import TokenWindows, pack_corpus, unigram_entropy
 from lmforge.errors import UserError
@@ -75,7 +76,13 @@ def main(cfg: PretrainCfg) -> dict[str, Any]:
     print(f"pretrain: {info['model_type']} with {info['params']:,} params, "
           f"{flops / 1e6:.1f} MFLOP/token")
     task = lm_task(model, train_w, val_w, cfg, device, flops)
+    # from an unstructured-pruned model (its prune.json): a dense update would refill the zeros
+    keeper = keep_sparsity(model, cfg.model.path)
+    if keeper is not None:
+        task.after_step = keeper.after_step
+        print(f"pretrain: {keeper.line()}")
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
+    pruned = keeper.finish(res.final_dir, "pretrain", res.steps) if keeper is not None else None
 
     h1 = unigram_entropy(val_w.token_counts(len(tokenizer)))
     val = res.best_val_loss if cfg.train.final == "best" else res.last.get("loss")
@@ -95,5 +102,6 @@ def main(cfg: PretrainCfg) -> dict[str, Any]:
         "val_bits_per_byte": nats_per_byte / math.log(2) if nats_per_byte else None,
         "nonfinite_skipped": res.nonfinite_skipped,
         "data": manifest,
+        **({"pruned": pruned} if pruned is not None else {}),
         "final_dir": str(res.final_dir),
     }

@@ -22,6 +22,7 @@ from lmforge.chat import (
     resolve_format,
     stop_token_ids,
 )
+from lmforge.compress.prune import MaskKeeper, masked_record
 from lmforge.config import DpoCfg, KtoCfg, SftCfg
 from lmforge.data.chat_rows import Conversation, load_conversations
 from lmforge.data.sft import SftBatches, fit_length, lm_logits
@@ -272,6 +273,8 @@ def main(cfg: SftCfg) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    # a model pruned with an unstructured method keeps its zeros (an adapter cannot: refused)
+    pruned_rec = masked_record(cfg.model.path, cfg.lora.method)
     tokenizer, fmt, added = load_tokenizer_and_format(cfg)
     splits = task_splits(cfg)
     train_c, val_c, data_stats = load_data(cfg, splits)
@@ -307,7 +310,12 @@ def main(cfg: SftCfg) -> dict[str, Any]:
     if cfg.lora.method != "full":
         base = resolve_model_dir(cfg.model.path)  # type: ignore[arg-type]
         task.export = lambda out: export_peft(model, out, tokenizer, base)
+    keeper = MaskKeeper(model, pruned_rec) if pruned_rec is not None else None
+    if keeper is not None:
+        task.after_step = keeper.after_step
+        print(f"sft: {keeper.line()}")
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
+    pruned = keeper.finish(res.final_dir, "sft", res.steps) if keeper is not None else None
 
     # everything "after" is measured on what was shipped: final/ as loaded from disk
     final_model = load_model(res.final_dir).to(device)
@@ -329,6 +337,7 @@ def main(cfg: SftCfg) -> dict[str, Any]:
         "before": before,
         "after": after,
         "nonfinite_skipped": res.nonfinite_skipped,
+        **({"pruned": pruned} if pruned is not None else {}),
         "final_dir": str(res.final_dir),
     }
 
