@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout clean
+.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,12 @@ $(VENV)/.dev: $(VENV)/.core
 	$(PIP) -e ".[dev,quant,metrics,code]"
 	@touch $@
 
-demo: $(VENV)/.core
+# the demo ends with the final model quantized: bitsandbytes and torchao, nothing more
+$(VENV)/.quant: $(VENV)/.core
+	$(PIP) -e ".[quant]"
+	@touch $@
+
+demo: $(VENV)/.quant
 	$(BIN)/lmforge run configs/demo.yaml
 
 test: $(VENV)/.dev
@@ -34,7 +39,7 @@ AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS
 test-avx2: $(VENV)/.dev
 	$(AVX2) $(BIN)/python -m pytest
 
-demo-avx2: $(VENV)/.core
+demo-avx2: $(VENV)/.quant
 	$(AVX2) $(BIN)/lmforge run configs/demo.yaml dir=runs/demo-avx2
 
 test-slow: $(VENV)/.dev
@@ -45,6 +50,17 @@ lint: $(VENV)/.dev
 
 bench: $(VENV)/.core
 	$(BIN)/python bench/pretrain_throughput.py
+
+# compression, on the demo's models (`make demo` first): every quantization method side by side;
+# pruning methods and sparsities before and after recovery; distillation soft vs hard and T
+bench-quantize: $(VENV)/.quant
+	$(BIN)/lmforge bench quantize runs/demo/grpo/final
+
+bench-prune: $(VENV)/.core
+	$(BIN)/python bench/prune.py --threads 1
+
+bench-distill: $(VENV)/.core
+	$(BIN)/python bench/distill.py --threads 1
 
 # trl (and the datasets/pandas/pyarrow it pulls) is for this benchmark only: `make test` and
 # `make demo` never install it

@@ -198,11 +198,17 @@ def compare_pass_lines(summaries: dict[str, dict[str, Any]], stage_of: dict[str,
     lines = [f"Greedy pass@1 on the same {total} held-out problems:", "",
              "| model | " + " | ".join(groups) + " | all |", "|---|" + "---:|" * (len(groups) + 1)]
     for n, pa in rows:
-        n_g = pa["n_per_group"]
-        overall = sum(pa[g] * n_g[g] for g in groups) / max(sum(n_g.values()), 1)
         lines.append(f"| {n} | " + " | ".join(_fmt(pa.get(g), ".1%") for g in groups)
-                     + f" | **{overall:.1%}** |")
+                     + f" | **{overall_pass(pa):.1%}** |")
     return lines
+
+
+def overall_pass(pa: dict[str, Any]) -> float | None:
+    """pass@1 over all the held-out problems of a per-group summary (groups weighted by size)."""
+    n_g = pa.get("n_per_group") or {}
+    if not n_g:
+        return None
+    return sum(pa[g] * n for g, n in n_g.items()) / max(sum(n_g.values()), 1)
 
 
 RL_CURVES = (("reward/mean", "reward (weighted sum)"), ("pass_rate", "pass rate (all tests)"),
@@ -308,6 +314,51 @@ def compare_eval_lines(summaries: dict[str, dict[str, Any]], stage_of: dict[str,
     return lines
 
 
+def quantize_lines(name: str, s: dict[str, Any]) -> list[str]:
+    """The export (bytes, reload check) and the method table as `bench quantize` prints it."""
+    lines = [f"### {name}"]
+    e = s.get("export")
+    if e:
+        lines.append(f"- `{e['method']}` export of `{s.get('model')}` -> `{e['dir']}`: "
+                     f"{e['weight_bytes'] / 2**20:.2f} MiB of weights; reloaded from disk, the same "
+                     f"greedy answers on {e['prompts']} prompts" + (f" ({e['note']})" if e.get("note") else ""))
+    if s.get("bench"):
+        from lmforge.compress.qbench import render_markdown
+
+        # the table's own title is a level-3 heading: one level below this section's
+        lines += ["", render_markdown(s["bench"]).replace("### ", "#### ", 1)]
+    return lines
+
+
+def prune_lines(name: str, s: dict[str, Any]) -> list[str]:
+    b, a = s.get("before", {}), s.get("after", {})
+    return [f"### {name}",
+            f"- {s.get('method')} ({s.get('scores')} scores): {_fmt(s.get('sparsity'), '.1%')} of "
+            f"the blocks' weights removed; params {_fmt(b.get('params'))} -> {_fmt(a.get('params'))} "
+            f"({_fmt(a.get('nonzero_params'))} nonzero); weights file {_fmt(b.get('weights_bytes'))} "
+            f"-> {_fmt(a.get('weights_bytes'))} bytes",
+            f"- held-out perplexity {_fmt(b.get('perplexity'), '.2f')} -> "
+            f"{_fmt(a.get('perplexity'), '.2f')} ({s.get('held_out') or 'no held-out text'})"]
+
+
+def distill_lines(name: str, s: dict[str, Any]) -> list[str]:
+    t, L = s.get("teacher", {}), s.get("loss", {})
+    pass_of = {who: overall_pass(d.get("pass_at_1") or {}) for who, d in
+               (("teacher", t), ("before", s.get("before", {})), ("after", s.get("after", {})))}
+    return [f"### {name}",
+            f"- teacher {_fmt(t.get('params'))} params -> student {_fmt(s.get('params'))} params "
+            f"({s.get('student')}); {L.get('kind')} at T={L.get('temperature')}, alpha "
+            f"{L.get('alpha')}; on-policy share {s.get('on_policy', {}).get('fraction')}",
+            f"- final val loss (hard labels) {_fmt(s.get('final_val_loss'))}, teacher's "
+            f"{_fmt(t.get('val_loss'))}",
+            f"- held-out greedy pass@1: teacher {_fmt(pass_of['teacher'], '.1%')}, student "
+            f"before {_fmt(pass_of['before'], '.1%')} -> after {_fmt(pass_of['after'], '.1%')}",
+            *run_lines(s)]
+
+
+COMPRESS = {"quantize": quantize_lines, "prune": prune_lines, "distill": distill_lines}
+
+
 def sample_lines(final_dir: Path, cfg: PipelineCfg) -> list[str]:
     from lmforge.generate import SampleCfg, generate
     from lmforge.models import load_model
@@ -356,6 +407,11 @@ def write_report(root: Path, cfg: PipelineCfg, summaries: dict[str, dict[str, An
             lines += [*compare_pass_lines(summaries, stage_of), ""]
         if stage_of[name] == "eval":
             lines += ["## Evaluation", "", *eval_lines(name, s), ""]
+    compress = [n for n in summaries if stage_of[n] in COMPRESS]
+    if compress:
+        lines += ["## Compression", ""]
+        for name in compress:
+            lines += [*COMPRESS[stage_of[name]](name, summaries[name]), ""]
     compare = compare_eval_lines(summaries, stage_of)
     if compare:
         lines += ["## Side by side", "", *compare, ""]

@@ -38,6 +38,11 @@ def test_stage_outputs_and_report(tiny_run: Path) -> None:
     assert "![loss curves](loss.png)" in report and (tiny_run / "loss.png").stat().st_size > 1000
     assert report.count("```python") == 3  # three samples
     assert "unigram entropy" in report and "| pretrain | pretrain |" in report
+    # the final model quantized: the export's line and the method table, fp32 its reference
+    assert "## Compression" in report and "`bnb-int8` export of" in report
+    assert "| fp32 | " in report and "| bnb-int8 | " in report
+    assert "### prune\n- wanda (wanda scores): 50.0% of the blocks' weights removed" in report
+    assert "### distill\n- teacher " in report and "held-out greedy pass@1: teacher " in report
 
 
 def test_final_is_a_hf_dir_that_reproduces_the_val_loss(tiny_run: Path) -> None:
@@ -104,7 +109,8 @@ def test_stage_configs_resolve_from_any_working_directory(tmp_path: Path,
     monkeypatch.setattr("lmforge.report.write_report", lambda root, *a: root / "report.md")
     monkeypatch.chdir(tmp_path)
     pipeline.run_pipeline(ROOT / "configs" / "tiny.yaml")
-    assert [s for s, _ in ran] == ["corpus", "tokenizer", "pretrain", "sft", "pairs", "dpo", "grpo", "eval"]
+    assert [s for s, _ in ran] == ["corpus", "tokenizer", "pretrain", "sft", "pairs", "dpo", "grpo",
+                                   "eval", "quantize", "prune", "distill"]
     assert ran[0][1] == Path("runs/tiny/corpus")
     copy = tmp_path / "elsewhere" / "pipelines"
     copy.mkdir(parents=True)
