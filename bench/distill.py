@@ -23,7 +23,6 @@ token is the teacher's; pass@1 is greedy on the held-out problems, code run in t
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from lmforge.compress.config import DistillCfg  # noqa: E402
 from lmforge.config import load_config  # noqa: E402
 from lmforge.io import read_jsonl  # noqa: E402
 from lmforge.stages import run_stage  # noqa: E402
-from lmforge.train.precision import cpu_features  # noqa: E402
+from lmforge.train.precision import cpu_features, cpu_name  # noqa: E402
 
 SOFT = ["loss.kind=forward_kl", "loss.alpha=1"]
 ROWS: dict[str, list[str]] = {
@@ -56,16 +55,6 @@ EXTRA: dict[str, list[str]] = {
 }
 QUICK = ["hard labels (alpha 0)", "soft T=1", "soft T=2", "soft T=4"]
 GROUPS = ["d1", "d2", "d3", "d4", "unseen"]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_row(name: str, over: list[str], a: argparse.Namespace, teacher_eval: bool) -> dict[str, Any]:
@@ -122,7 +111,7 @@ def main() -> None:
           f"{teacher['params']:,} params; student: its layers [{a.layers}], {s0['params']:,} params; "
           f"{a.n_train} training problems. "
           f"pass@1 greedy on {a.n_eval} held-out problems per group.\n"
-          f"CPU: {cpu_model()} ({', '.join(cpu_features())}); torch {torch.__version__}; "
+          f"CPU: {cpu_name()} ({', '.join(cpu_features())}); torch {torch.__version__}; "
           f"{a.threads} thread(s); {time.perf_counter() - t0:.0f} s in all.\n")
     print("| run | val loss | agree | " + " | ".join(GROUPS) + " | all | train s | row s |")
     print("|---|---:|---:|" + "---:|" * len(GROUPS) + "---:|---:|---:|")

@@ -38,7 +38,6 @@ import copy
 import gzip
 import io
 import os
-import platform
 import shutil
 import sys
 import time
@@ -67,7 +66,7 @@ from lmforge.stages.prune import (  # noqa: E402
     save_pruned,
 )
 from lmforge.tokenizer import load_tokenizer  # noqa: E402
-from lmforge.train.precision import cpu_features  # noqa: E402
+from lmforge.train.precision import cpu_features, cpu_name  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
@@ -188,14 +187,6 @@ def run(a: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, float]]:
         del model, b
     lat["dense_last"] = min(decode_ms(big, prompt) for _ in range(REPS))
     return rows, lat
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def report(rows: list[dict[str, Any]], lat: dict[str, float], a: argparse.Namespace, secs: float) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sysconfig
 import tempfile
 import time
@@ -42,18 +41,10 @@ from lmforge.models import count_params, preset_config
 from lmforge.rl.rollout import HfEngine, SamplingCfg, left_pad
 from lmforge.tasks.synthetic_code import make_splits
 from lmforge.tokenizer import save_tokenizer, train_bpe
+from lmforge.train.precision import cpu_name
 
 VOCAB = 8192
 SPECIALS = ["<|endoftext|>", "<|bos|>", "<|pad|>"]
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                 if ln.startswith("Model name")), "unknown CPU")
 
 
 def setup(work: Path, n_prompts: int, prompt_tokens: int):

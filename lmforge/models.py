@@ -238,6 +238,11 @@ def foreign_entries(d: Path) -> list[str]:
     return sorted(foreign)
 
 
+def listing(names: list[str], first: int = 3) -> str:
+    """The first few names and how many more: an error line stays one line."""
+    return ", ".join(names[:first]) + (f" and {len(names) - first} more" if len(names) > first else "")
+
+
 def _portable_config(path: Path) -> None:
     """transformers 5 spells rope as `rope_parameters` and dtype as `dtype`; 4.x reads
     `rope_theta`/`rope_scaling` and `torch_dtype`. Write both spellings."""
@@ -540,8 +545,7 @@ def merge_target(out: Path, inputs: list[str | Path], force: bool) -> Path:
                         "wrote; pass --force to replace it")
     foreign = foreign_entries(target)
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"--out {out} is not empty and holds what lmforge did not write ({shown}); "
+        raise UserError(f"--out {out} is not empty and holds what lmforge did not write ({listing(foreign)}); "
                         "pass --force to replace it")
     kind = written_kind(target)
     if kind not in (None, "merge"):  # None here: an empty directory

@@ -484,7 +484,13 @@ def saved_zero_share(model_dir: Path, names: list[str]) -> dict[str, float]:
     return out
 
 
-def keep_sparsity(model: nn.Module, model_dir: str | Path | None,
-                  lora_method: str = "full") -> MaskKeeper | None:
-    rec = masked_record(model_dir, lora_method)
-    return MaskKeeper(model, rec) if rec is not None else None
+def keep_zeros(task: Any, model: nn.Module, record: dict[str, Any] | None,
+               stage: str) -> MaskKeeper | None:
+    """Attach a MaskKeeper to a training stage's Task when `record` (from `masked_record`,
+    read before the model loads) says the model's zeros must survive; None otherwise."""
+    if record is None:
+        return None
+    keeper = MaskKeeper(model, record)
+    task.after_step = keeper.after_step
+    print(f"{stage}: {keeper.line()}")
+    return keeper

@@ -39,6 +39,7 @@ from typing import Any
 from lmforge.compress.config import QuantBenchCfg, QuantizeCfg
 from lmforge.errors import UserError
 from lmforge.io import atomic_write_json, atomic_write_text, human_bytes
+from lmforge.train.precision import cpu_name
 
 # every column of a row; a row that did not run has None in the measured ones
 COLUMNS = ("method", "status", "reason", "note", "weight_bytes", "base_rss_bytes",
@@ -408,18 +409,6 @@ def _spawn(method: str, cfg: QuantizeCfg, source: str, device: str, work: Path,
         return {**empty_row(method, "failed", f"exit {rc}: {tail}"), "row_s": row_s}, {}
     got = json.loads(result.read_text())
     return {**got["row"], "row_s": row_s}, got.get("info", {})
-
-
-def cpu_name() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")

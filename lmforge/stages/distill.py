@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from lmforge.chat import ChatFormat, Rendered, stop_token_ids
 from lmforge.compress.config import DistillCfg
-from lmforge.compress.prune import MaskKeeper, masked_record
+from lmforge.compress.prune import keep_zeros, masked_record
 from lmforge.data.sft import SftBatches, collate, lm_logits, pack_rows
 from lmforge.errors import UserError
 from lmforge.losses.distill import Head, distill_loss
@@ -366,10 +366,7 @@ def main(cfg: DistillCfg) -> dict[str, Any]:
         base = resolve_model_dir(cfg.model.path)  # type: ignore[arg-type]
         task.export = lambda out: export_peft(student, out, tokenizer, base)
     # a student pruned with an unstructured method keeps its zeros (prune, then distill)
-    keeper = MaskKeeper(student, pruned_rec) if pruned_rec is not None else None
-    if keeper is not None:
-        task.after_step = keeper.after_step
-        print(f"distill: {keeper.line()}")
+    keeper = keep_zeros(task, student, pruned_rec, "distill")
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, student, task, tokenizer)
     pruned = keeper.finish(res.final_dir, "distill", res.steps) if keeper is not None else None
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lmforge.compress.prune import keep_sparsity
+from lmforge.compress.prune import keep_zeros, masked_record
 from lmforge.config import PretrainCfg
 from lmforge.data.pack import TokenWindows, pack_corpus, unigram_entropy
 from lmforge.errors import UserError
@@ -77,10 +77,7 @@ def main(cfg: PretrainCfg) -> dict[str, Any]:
           f"{flops / 1e6:.1f} MFLOP/token")
     task = lm_task(model, train_w, val_w, cfg, device, flops)
     # from an unstructured-pruned model (its prune.json): a dense update would refill the zeros
-    keeper = keep_sparsity(model, cfg.model.path)
-    if keeper is not None:
-        task.after_step = keeper.after_step
-        print(f"pretrain: {keeper.line()}")
+    keeper = keep_zeros(task, model, masked_record(cfg.model.path), "pretrain")
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
     pruned = keeper.finish(res.final_dir, "pretrain", res.steps) if keeper is not None else None
 

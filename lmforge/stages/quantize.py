@@ -21,7 +21,7 @@ from typing import Any
 from lmforge.compress import quantize as Q
 from lmforge.compress.config import QuantBenchCfg, QuantizeCfg
 from lmforge.errors import TrainingError, UserError
-from lmforge.models import foreign_entries, resolve_model_dir, written_kind
+from lmforge.models import foreign_entries, listing, resolve_model_dir, written_kind
 
 
 def check_run_dir(out: Path) -> None:
@@ -54,8 +54,7 @@ def check_target(final: Path, source: str) -> None:
                         "choose another run.dir")
     foreign = foreign_entries(target)
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"run.dir: {final} holds files lmforge did not write ({shown}); "
+        raise UserError(f"run.dir: {final} holds files lmforge did not write ({listing(foreign)}); "
                         "move them or choose another run.dir")
     kind = written_kind(target)
     if kind not in (None, "quantize"):

@@ -22,7 +22,7 @@ from lmforge.chat import (
     resolve_format,
     stop_token_ids,
 )
-from lmforge.compress.prune import MaskKeeper, masked_record
+from lmforge.compress.prune import keep_zeros, masked_record
 from lmforge.config import DpoCfg, KtoCfg, SftCfg
 from lmforge.data.chat_rows import Conversation, load_conversations
 from lmforge.data.sft import SftBatches, fit_length, lm_logits
@@ -310,10 +310,7 @@ def main(cfg: SftCfg) -> dict[str, Any]:
     if cfg.lora.method != "full":
         base = resolve_model_dir(cfg.model.path)  # type: ignore[arg-type]
         task.export = lambda out: export_peft(model, out, tokenizer, base)
-    keeper = MaskKeeper(model, pruned_rec) if pruned_rec is not None else None
-    if keeper is not None:
-        task.after_step = keeper.after_step
-        print(f"sft: {keeper.line()}")
+    keeper = keep_zeros(task, model, pruned_rec, "sft")
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
     pruned = keeper.finish(res.final_dir, "sft", res.steps) if keeper is not None else None
 

@@ -83,6 +83,17 @@ def cpu_features() -> list[str]:
     return found
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as lscpu prints it (every table that times something says where)."""
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def _best_flops(a: torch.Tensor, b: torch.Tensor, samples: int, seconds: float) -> float:
     """Best-of-`samples` FLOP/s of a @ b, each sample at least one call and `seconds` long:
     another process can halve any single sample, so the best is the machine's speed."""
