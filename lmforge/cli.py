@@ -69,6 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true",
                    help="prompts are user turns, rendered with the model's own chat template")
+    c = sub.add_parser("chat", help="talk to a chat model in the terminal, in its own chat "
+                       "template (/reset, /exit)")
+    c.add_argument("model", help="an HF directory with a chat template (e.g. runs/demo/sft/final)")
+    c.add_argument("--system", help="system prompt (kept through /reset and history trimming)")
+    c.add_argument("--max-new-tokens", type=int,
+                   help="reply length cap (default: 256 or half the context, whichever is less)")
+    c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    c.add_argument("--top-p", type=float, default=0.95)
+    c.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -201,6 +210,10 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
         generate_cli(ns)
         return 0
+    if ns.command == "chat":
+        from lmforge.chat_repl import chat_cli
+
+        return chat_cli(ns)
     if ns.command == "merge":
         from lmforge.models import merge_cli
 
