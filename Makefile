@@ -18,7 +18,7 @@ $(VENV)/.core: $(BIN)/python pyproject.toml
 	@touch $@
 
 $(VENV)/.dev: $(VENV)/.core
-	$(PIP) -e ".[dev,quant,metrics,code]"
+	$(PIP) -e ".[dev,quant,metrics,code,serve]"
 	@touch $@
 
 # the demo ends with the final model quantized: bitsandbytes and torchao, nothing more

@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo this stage (and the stages that consume it) even if it finished; "
                         "repeatable; 'all' redoes every stage")
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a checkpoint")
+    v.add_argument("ckpt", help="an HF directory (e.g. runs/demo/grpo/final)")
+    v.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", help="clients must send `Authorization: Bearer KEY`")
+    v.add_argument("--max-batch", type=int, default=32, help="rows sampled together")
+    v.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting beyond this get HTTP 429")
+    v.add_argument("--model-name", help="the name clients ask for (default: CKPT as given)")
     g = sub.add_parser("generate", help="sample text from an HF model directory")
     g.add_argument("model", help="an HF directory (e.g. runs/demo/pretrain/final) or hub id")
     g.add_argument("--prompt", action="append", default=[], help="repeatable; default: ''")
@@ -214,6 +223,11 @@ def _dispatch(ns: argparse.Namespace) -> int:
         from lmforge.chat_repl import chat_cli
 
         return chat_cli(ns)
+    if ns.command == "serve":
+        from lmforge.serve import serve_cli
+
+        serve_cli(ns)
+        return 0
     if ns.command == "merge":
         from lmforge.models import merge_cli
 

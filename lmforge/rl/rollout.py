@@ -37,6 +37,10 @@ Backend = Literal["hf", "vllm"]
 # (the supported range) accepts, so it stays, without a warning per sampled token
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 Finish = Literal["eos", "stop", "length"]
+# Called once per decode step with the batch indices of the rows still sampling, the token each
+# drew and the fp32 logits it was drawn from, (b, V); returns the indices that end now (finish
+# "stop"). The server streams tokens and applies per-request limits through it.
+StepHook = Callable[[list[int], list[int], torch.Tensor], set[int]]
 
 
 @dataclass(frozen=True)
@@ -179,22 +183,22 @@ class HfEngine:
         """Nothing to push: this engine samples with the trained module itself."""
 
     def generate(self, prompts: list[list[int]], cfg: SamplingCfg,
-                 generator: torch.Generator) -> Rollouts:
+                 generator: torch.Generator, on_step: StepHook | None = None) -> Rollouts:
         cfg.check()
         if any(not p for p in prompts):
             raise UserError("a prompt is empty: sampling needs at least one prompt token")
         was_training = self.model.training
         self.model.eval()
         try:
-            parts = [self._batch(prompts[s:s + cfg.batch_size], cfg, generator)
+            parts = [self._batch(prompts[s:s + cfg.batch_size], cfg, generator, on_step, s)
                      for s in range(0, len(prompts), cfg.batch_size)]
         finally:
             self.model.train(was_training)
         return Rollouts.cat(parts, self.pad_id)
 
     @torch.no_grad()
-    def _batch(self, prompts: list[list[int]], cfg: SamplingCfg,
-               generator: torch.Generator) -> Rollouts:
+    def _batch(self, prompts: list[list[int]], cfg: SamplingCfg, generator: torch.Generator,
+               on_step: StepHook | None = None, offset: int = 0) -> Rollouts:
         device = next(self.model.parameters()).device
         B, N = len(prompts), cfg.max_new_tokens
         logits, cache, att, pos = self._prefill(prompts, device)
@@ -217,6 +221,13 @@ class HfEngine:
             if stop_text.stop:
                 for j in (live & ~done).nonzero().squeeze(-1).tolist():
                     if stop_text.hit(out_tok[int(rows[j]), : t + 1].tolist()):
+                        finish[int(rows[j])], done[j] = "stop", True
+            if on_step is not None:
+                idx = live.nonzero().squeeze(-1)
+                ended = on_step([offset + int(r) for r in rows[idx]], tok.cpu()[idx].tolist(),
+                                logits[idx.to(device)].float())
+                for j in idx.tolist():
+                    if offset + int(rows[j]) in ended and not done[j]:
                         finish[int(rows[j])], done[j] = "stop", True
             live &= ~done
             if not live.any() or t == N - 1:

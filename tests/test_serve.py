@@ -1,0 +1,303 @@
+"""`lmforge serve` against the official `openai` client: a tiny llama with a chat template,
+served on an ephemeral loopback port by uvicorn in a thread, stopped after the module."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from lmforge.chat import install_format, prompt_ids, resolve_format  # noqa: E402
+from lmforge.eval.harness import Generator  # noqa: E402
+from lmforge.models import load_model, save_hf  # noqa: E402
+from lmforge.rl.rollout import HfEngine, Rollouts, SamplingCfg, teacher_forced_logps  # noqa: E402
+from lmforge.serve import Server, create_app  # noqa: E402
+from lmforge.serve_batch import ApiError, Job, Row, Worker  # noqa: E402
+from lmforge.tokenizer import load_tokenizer  # noqa: E402
+from tests.conftest import make_chat_tokenizer, micro_llama  # noqa: E402
+
+NAME, KEY = "tiny", "sk-test"
+QUESTIONS = ["Add 2 and 3.", "Be brief.", "def add(a, b):", "Now 4?", "keeps the even numbers",
+             "Write a Python function", "return a + b", "Add 4 and 2. Be brief."]
+
+
+def http(url: str, data: bytes | None = None, key: str | None = KEY) -> tuple[int, dict]:
+    """(status, JSON body) of a raw request: what the client library would refuse to send."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+class Live:
+    def __init__(self, server: Server, base: str, tok, model) -> None:
+        self.server, self.base, self.tok, self.model = server, base, tok, model
+        self.client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60)
+        self.chat_gen = Generator(model, tok, chat=True)
+        self.plain_gen = Generator(model, tok, chat=False)
+
+    def reference(self, ids: list[int], chat: bool, max_new: int) -> Rollouts:
+        """What the rollout engine itself samples greedily for one prompt, alone."""
+        gen = self.chat_gen if chat else self.plain_gen
+        eng = HfEngine(self.model, self.tok, gen.stop_ids, gen.pad)
+        return eng.generate([ids], SamplingCfg(max_new_tokens=max_new, temperature=0.0),
+                            torch.Generator().manual_seed(0))
+
+    def chat_ids(self, q: str) -> list[int]:
+        return prompt_ids(self.tok, [{"role": "user", "content": q}])
+
+
+def peaked_llama(vocab: int) -> torch.nn.Module:
+    """micro_llama with weights of std 0.3 instead of 0.02: at 0.02 the logits are nearly flat
+    and every prompt's greedy answer is the same run of one token, which would hide a server
+    that mixed up its requests' rows."""
+    model = micro_llama(vocab=vocab)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    d = tmp_path_factory.mktemp("serve")
+    tok = make_chat_tokenizer(d)
+    install_format(tok, resolve_format(tok, "lmforge"))  # as `lmforge sft` saves its model
+    save_hf(peaked_llama(len(tok)), d, tok)
+    model, tok = load_model(d).eval(), load_tokenizer(d)
+    server = Server(model, tok, NAME, max_batch=16, max_queue=64)
+    config = uvicorn.Config(create_app(server, api_key=KEY), host="127.0.0.1", port=0,
+                            log_level="warning", lifespan="on")
+    http = uvicorn.Server(config)
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not http.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = http.servers[0].sockets[0].getsockname()[1]
+    yield Live(server, f"http://127.0.0.1:{port}", tok, model)
+    http.should_exit = True
+    thread.join(timeout=30)
+    assert not thread.is_alive() and not server.worker._thread.is_alive()
+
+
+def test_models_and_health(live: Live) -> None:
+    assert [m.id for m in live.client.models.list()] == [NAME]
+    assert http(f"{live.base}/health", key=None) == (200, {"status": "ok", "queued": 0})
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{live.base}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_chat_is_the_engines_greedy_answer(live: Live) -> None:
+    ids = live.chat_ids(QUESTIONS[0])
+    ro = live.reference(ids, chat=True, max_new=10)
+    r = live.client.chat.completions.create(model=NAME, max_tokens=10, temperature=0,
+                                            messages=[{"role": "user", "content": QUESTIONS[0]}])
+    assert r.choices[0].message.content == ro.texts[0]
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == ("length" if ro.finish[0] == "length" else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), int(ro.lengths[0]))
+    assert r.usage.total_tokens == len(ids) + int(ro.lengths[0])
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_streamed_text_equals_unstreamed(live: Live, kind: str) -> None:
+    """Temperature 0: the SSE deltas join to the non-streamed text; usage arrives last."""
+    c = live.client
+    if kind == "chat":
+        args = dict(model=NAME, messages=[{"role": "user", "content": QUESTIONS[1]}],
+                    max_tokens=12, temperature=0)
+        full = c.chat.completions.create(**args)
+        chunks = list(c.chat.completions.create(**args, stream=True,
+                                                stream_options={"include_usage": True}))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        want = full.choices[0].message.content
+    else:
+        args = dict(model=NAME, prompt=QUESTIONS[2], max_tokens=12, temperature=0)
+        full = c.completions.create(**args)
+        chunks = list(c.completions.create(**args, stream=True,
+                                           stream_options={"include_usage": True}))
+        text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        want = full.choices[0].text
+    assert text == want and len(chunks) > 3  # token by token, not one blob
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+    assert finishes[-1] == full.choices[0].finish_reason and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+
+
+def test_completion_is_the_engines_greedy_answer(live: Live) -> None:
+    ids = live.plain_gen.prompt_ids(QUESTIONS[2])
+    ro = live.reference(ids, chat=False, max_new=10)
+    r = live.client.completions.create(model=NAME, prompt=QUESTIONS[2], max_tokens=10,
+                                       temperature=0)
+    assert r.choices[0].text == ro.texts[0]
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), int(ro.lengths[0]))
+
+
+def test_n_and_seed(live: Live) -> None:
+    """n samples per prompt, indexed 0..n-1; a seed redraws the same ones."""
+    args = dict(model=NAME, prompt=QUESTIONS[3], max_tokens=8, temperature=1.0, n=3, seed=7)
+    a = live.client.completions.create(**args)
+    b = live.client.completions.create(**args)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1  # 8 draws from a near-flat 300-way softmax
+    r = live.client.completions.create(model=NAME, prompt=[QUESTIONS[0], QUESTIONS[1]], n=2,
+                                       max_tokens=4, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text != "" and r.choices[2].text == r.choices[3].text
+
+
+def test_stop_string_cuts_the_text(live: Live) -> None:
+    args = dict(model=NAME, prompt=QUESTIONS[4], max_tokens=16, temperature=0)
+    full = live.client.completions.create(**args).choices[0].text
+    # two characters from the middle, none half of a multi-byte character (this random
+    # model emits odd bytes), so the cut point is unambiguous
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 1) if "\ufffd" not in full[i:i + 2])
+    r = live.client.completions.create(**args, stop=[stop])
+    assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].text for ch in
+                       live.client.completions.create(**args, stop=stop, stream=True))
+    assert streamed == r.choices[0].text
+
+
+def test_logprobs(live: Live) -> None:
+    """The reported log-probs are those a plain forward over prompt + answer gives (tolerance:
+    see tests/rl/test_rollout.py, the same arithmetic), and the greedy token is the top one."""
+    ids = live.chat_ids(QUESTIONS[5])
+    ro = live.reference(ids, chat=True, max_new=6)
+    ref = teacher_forced_logps(live.model, ro, 1.0, live.chat_gen.pad)[0, : int(ro.lengths[0])]
+    r = live.client.chat.completions.create(model=NAME, max_tokens=6, temperature=0, logprobs=True,
+                                            top_logprobs=3,
+                                            messages=[{"role": "user", "content": QUESTIONS[5]}])
+    content = r.choices[0].logprobs.content
+    got = torch.tensor([e.logprob for e in content])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == e.logprob
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+    c = live.client.completions.create(model=NAME, prompt=QUESTIONS[2], max_tokens=5,
+                                       temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == c.usage.completion_tokens
+    assert all(len(t) <= 2 and max(t.values()) <= 0 for t in lp.top_logprobs)
+
+
+def test_concurrent_clients_are_batched_and_correct(live: Live, monkeypatch) -> None:
+    """8 clients at once: each gets its own prompt's answer (as the engine gives it alone),
+    and the worker ran them in shared batches. The first batch is slowed so the others queue
+    behind it whatever this machine's speed."""
+    engine = live.server.worker.engine
+    real, calls = engine.generate, []
+
+    def slow_first(*a, **kw):
+        if not calls:
+            time.sleep(0.5)
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine, "generate", slow_first)
+    n_before = len(live.server.worker.batches)
+    answers: dict[int, str] = {}
+    barrier = threading.Barrier(len(QUESTIONS))
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        r = live.client.chat.completions.create(
+            model=NAME, max_tokens=8, temperature=0,
+            messages=[{"role": "user", "content": QUESTIONS[i]}])
+        answers[i] = r.choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    want = {i: live.reference(live.chat_ids(q), chat=True, max_new=8).texts[0]
+            for i, q in enumerate(QUESTIONS)}
+    assert answers == want
+    assert len(set(answers.values())) == len(QUESTIONS)
+    assert max(live.server.worker.batches[n_before:]) > 1
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, "model", "nope"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "Add 2 and 3. " * 40}]},
+     "messages", "context"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "n": 0}, "n", "n must"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "frobnicate": 1},
+     "frobnicate", "unsupported parameter: frobnicate"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 500},
+     "max_tokens", "context"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "temperature": -1},
+     "temperature", "temperature"),
+])
+def test_bad_requests_are_400_and_the_server_stays_up(live: Live, body, param, words) -> None:
+    known = {k: body[k] for k in ("model", "messages")}
+    with pytest.raises(openai.BadRequestError) as e:  # the rest as sent, unchecked by the client
+        live.client.chat.completions.create(**known, extra_body={k: v for k, v in body.items()
+                                                                 if k not in known})
+    err = e.value.body
+    assert e.value.status_code == 400 and err["param"] == param and words in err["message"]
+    assert http(f"{live.base}/health")[0] == 200
+
+
+def test_malformed_json_is_400(live: Live) -> None:
+    for raw in (b"{not json", b"[1, 2]"):
+        status, body = http(f"{live.base}/v1/completions", raw)
+        assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    r = live.client.completions.create(model=NAME, prompt="x", max_tokens=2)  # still serving
+    assert r.usage.completion_tokens >= 1
+
+
+def test_full_queue_is_429(live: Live) -> None:
+    """A bounded queue refuses instead of growing: a worker that is not draining, size 1."""
+    w = Worker(live.model, live.tok, 0, max_batch=4, max_queue=1)
+    loop = asyncio.new_event_loop()
+    try:
+        def job() -> Job:
+            return Job("completion", [[1, 2]], 1, SamplingCfg(2), None, set(), (), None,
+                       [Row(0, 2)], loop, asyncio.Queue())
+
+        w.submit(job())
+        with pytest.raises(ApiError) as e:
+            w.submit(job())
+        assert e.value.status == 429
+    finally:
+        loop.close()
+
+
+def test_cli_without_fastapi_says_what_to_install(monkeypatch, tmp_path: Path, capsys) -> None:
+    import builtins
+
+    from lmforge.cli import main
+
+    real = builtins.__import__
+
+    def no_fastapi(name, *a, **kw):
+        if name in ("fastapi", "uvicorn"):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_fastapi)
+    assert main(["serve", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lmforge[serve]" in err and len(err.splitlines()) == 1
