@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill clean
+.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill bench-serve clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -113,3 +113,8 @@ bench-rollout: $(VENV)/.core
 
 clean:
 	rm -rf runs .pytest_cache
+
+# `lmforge serve` under 1, 8 and 32 concurrent clients; a vllm row (`lmforge serve --backend
+# vllm`, from .venv-vllm) once `make vllm` has built it
+bench-serve: $(VENV)/.dev
+	$(BIN)/python bench/serve_load.py

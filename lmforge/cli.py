@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting beyond this get HTTP 429")
     v.add_argument("--model-name", help="the name clients ask for (default: CKPT as given)")
+    v.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                   help="hf: lmforge's own server; vllm: vLLM's own OpenAI server (run "
+                        "from .venv-vllm if vLLM does not import here; --max-queue is not used)")
     g = sub.add_parser("generate", help="sample text from an HF model directory")
     g.add_argument("model", help="an HF directory (e.g. runs/demo/pretrain/final) or hub id")
     g.add_argument("--prompt", action="append", default=[], help="repeatable; default: ''")

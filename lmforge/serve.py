@@ -338,7 +338,15 @@ def create_app(server: Server, api_key: str | None = None) -> FastAPI:
 
 
 def serve_cli(ns: argparse.Namespace) -> None:
-    """`lmforge serve CKPT [--host H] [--port P] [--api-key K] [--max-batch N] [--model-name M]`."""
+    """`lmforge serve CKPT [--host H] [--port P] [--api-key K] [--max-batch N] [--model-name M]
+    [--backend hf|vllm]`."""
+    if ns.max_batch < 1 or ns.max_queue < 1:
+        raise UserError("--max-batch and --max-queue must be >= 1")
+    if getattr(ns, "backend", "hf") == "vllm":
+        from lmforge.serve_vllm import serve_vllm
+
+        serve_vllm(ns)  # replaces this process with vLLM's server
+        return
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -347,8 +355,6 @@ def serve_cli(ns: argparse.Namespace) -> None:
     from lmforge.models import load_model
     from lmforge.tokenizer import load_tokenizer
 
-    if ns.max_batch < 1 or ns.max_queue < 1:
-        raise UserError("--max-batch and --max-queue must be >= 1")
     model = load_model(ns.ckpt)
     if torch.cuda.is_available():
         model.to("cuda")
