@@ -135,6 +135,9 @@ class TrainCfg(Cfg):
     time_budget_s: float | None = Field(None, gt=0)
     time_limit_s: float | None = Field(None, gt=0)  # hard guard: stop cleanly mid-schedule after
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch's default
+    # how SFT, DPO/KTO and GRPO load the policy: hf (transformers + peft) or unsloth
+    # (FastLanguageModel: its 4-bit load, LoRA kernels and offloaded checkpointing; CUDA only)
+    backend: Literal["hf", "unsloth"] = "hf"
 
     @field_validator("resume")
     @classmethod

@@ -52,6 +52,7 @@ from lmforge.stages.dpo import heldout_pass_at_1, load_policy
 from lmforge.train.loop import Task, train
 from lmforge.train.precision import make_precision
 from lmforge.train.reference import live_reference
+from lmforge.unsloth_backend import check_unsloth
 
 Batch = dict[str, torch.Tensor]
 ADVANTAGES = {
@@ -344,6 +345,8 @@ def reference(cfg: GrpoCfg, model: PreTrainedModel) -> tuple[Any, str]:
 
 
 def main(cfg: GrpoCfg) -> dict[str, Any]:
+    if cfg.train.backend == "unsloth":
+        check_unsloth("grpo")  # before anything loads: no GPU or no unsloth is one line
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

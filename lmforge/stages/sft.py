@@ -43,6 +43,7 @@ from lmforge.tokenizer import load_tokenizer
 from lmforge.train.forgetting import Anchor, GeneralText, fisher_diagonal, merge_rows, perplexity
 from lmforge.train.loop import Task, train
 from lmforge.train.precision import make_precision
+from lmforge.unsloth_backend import check_unsloth, load_unsloth, max_seq_length
 
 SYNTHETIC = "synthetic_code"
 MBPP = "mbpp"  # `mbpp` (the hub's copy) or `mbpp:SOURCE` (a file, directory or hub id)
@@ -68,6 +69,12 @@ def load_sft_model(cfg: SftCfg, tokenizer: PreTrainedTokenizerBase,
     method = cfg.lora.method
     if method != "full" and cfg.model.path is None:
         raise UserError(f"lora.method={method} adapts a pretrained model: set model.path")
+    if cfg.train.backend == "unsloth":  # Unsloth's loader and LoRA (unsloth_backend.py)
+        return load_unsloth(cfg.model.path, cfg.lora, max_seq_length(cfg),
+                            n_vocab=len(tokenizer), stop_ids=stop_token_ids(tokenizer, fmt),
+                            new_token_ids=[tokenizer.convert_tokens_to_ids(t) for t in fmt.special_tokens],
+                            pad_id=tokenizer.pad_token_id, seed=cfg.train.seed,
+                            trust_remote_code=cfg.model.trust_remote_code)
     if method == "qlora":
         model = load_quantized(resolve_model_dir(cfg.model.path), cfg.lora, cfg.model.trust_remote_code)
     else:
@@ -270,6 +277,8 @@ def forgetting_setup(cfg: SftCfg, model: PreTrainedModel, tokenizer: PreTrainedT
 
 
 def main(cfg: SftCfg) -> dict[str, Any]:
+    if cfg.train.backend == "unsloth":
+        check_unsloth("sft")  # before anything loads: no GPU or no unsloth is one line
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
