@@ -111,6 +111,8 @@ def _eval_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--judge", help="judge model: an HF dir or an OpenAI-compatible URL")
     s.add_argument("--judge-model", help="model name to ask an endpoint judge for")
     s.add_argument("--baseline", help="the model the judge compares this one with")
+    s.add_argument("--backend", choices=("hf", "vllm"), help="what samples the answers "
+                   "(vllm: run from .venv-vllm, or where vLLM is installed)")
 
 
 def _next_to(checkpoint: str, name: str) -> Path:
@@ -191,6 +193,7 @@ def _eval_overrides(ns: argparse.Namespace, args: list[str]) -> tuple[Path | Non
              "batch_size": ns.batch_size, "limit": ns.limit,
              "contamination.train": ns.contamination or None, "judge.judge": ns.judge,
              "judge.judge_model": ns.judge_model, "judge.baseline": ns.baseline,
+             "backend": ns.backend,
              "k": [x.strip() for x in ns.k.split(",")] if ns.k else None}
     for key, value in flags.items():
         if value is None:

@@ -331,6 +331,9 @@ class EvalCfg(Cfg):
     n_shot: int | None = Field(None, ge=0)  # few-shot examples (default: the task's own)
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast of generation and scoring
+    # what samples the answers: hf (the model itself, batched) or vllm (an extra: the rollout
+    # engine of lmforge/rl/vllm_engine.py, in this precision's dtype); scoring is the same
+    backend: Literal["hf", "vllm"] = "hf"
     synthetic: SyntheticTaskCfg = SyntheticTaskCfg(n_eval=50)
     signature_prefill: bool = True  # synthetic-code answers start at `def name(arg):`
     sandbox: SandboxCfg = SandboxCfg()

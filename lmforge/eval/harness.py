@@ -3,7 +3,8 @@ the SFT stage's pass@1 and the judge share.
 
 A `Generator` wraps a model and its tokenizer: chat models get each prompt as a user turn in
 their own template, base models get the raw prompt after end-of-text (as every pretraining
-document began). Code answers run only in the sandbox, never in-process.
+document began). Code answers run only in the sandbox, never in-process. With an `engine`
+(the vLLM rollout engine), the same prompt ids, stops and settings are sampled there instead.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,6 +24,9 @@ from lmforge.generate import cut_at_stop, generate_batch
 from lmforge.tasks.base import AnswerItem, CodeItem
 from lmforge.tasks.synthetic_code import extract_code
 from lmforge.train.progress import Ticker
+
+if TYPE_CHECKING:
+    from lmforge.rl.rollout import Engine
 
 Item = CodeItem | AnswerItem
 
@@ -42,6 +46,7 @@ class Generator:
         self.context = int(getattr(cfg, "max_position_embeddings", None)
                            or getattr(cfg, "n_positions", None) or 1 << 30)
         self.truncated = 0  # prompts cut from the left to fit the context
+        self.engine: Engine | None = None  # set: sample there instead of with `model`
 
     def _stop_ids(self) -> list[int]:
         """End-of-turn and eos, plus whatever the model's generation config stops at
@@ -80,15 +85,38 @@ class Generator:
                             f"the model's {self.context}-token context")
         self.truncated += sum(len(x) > room for x in ids) // n
         ids = [x[-room:] for x in ids]  # keep the end: the question, not the oldest shots
-        was_training = self.model.training
-        self.model.eval()
-        outs = generate_batch(self.model, ids, self.stop_ids, self.pad, max_new_tokens,
-                              batch_size, temperature=temperature, top_p=top_p, stop=stop,
-                              tokenizer=self.tokenizer, seed=seed)
-        self.model.train(was_training)
+        if self.engine is not None:
+            outs = self._engine_sample(ids, temperature, top_p, max_new_tokens, batch_size,
+                                       stop, seed)
+        else:
+            was_training = self.model.training
+            self.model.eval()
+            outs = generate_batch(self.model, ids, self.stop_ids, self.pad, max_new_tokens,
+                                  batch_size, temperature=temperature, top_p=top_p, stop=stop,
+                                  tokenizer=self.tokenizer, seed=seed)
+            self.model.train(was_training)
         texts = [cut_at_stop(self.tokenizer.decode(o, skip_special_tokens=True), tuple(stop))
                  for o in outs]
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _engine_sample(self, ids: list[list[int]], temperature: float, top_p: float,
+                       max_new_tokens: int, batch_size: int, stop: Sequence[str], seed: int
+                       ) -> list[list[int]]:
+        """`generate_batch`'s output from the engine: each row's new ids before its first stop
+        id (the engine keeps the stop id it ended on). Seeds come from one generator seeded
+        with `seed`, so a run repeats; they are not `generate_batch`'s per-batch seeds, so
+        sampled (not greedy) answers differ between the backends."""
+        from lmforge.rl.rollout import SamplingCfg
+
+        assert self.engine is not None
+        cfg = SamplingCfg(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          stop=tuple(stop), batch_size=batch_size)
+        ro = self.engine.generate(ids, cfg, torch.Generator().manual_seed(seed))
+        outs = []
+        for i in range(len(ids)):
+            new = ro.completion(i)
+            outs.append(new[:next((k for k, t in enumerate(new) if t in self.stop_ids), len(new))])
+        return outs
 
 
 def answer_items(gen: Generator, items: Sequence[Item], *, n: int = 1, temperature: float = 0.0,

@@ -9,13 +9,18 @@ prompt/reference rows and reports BLEU, chrF, ROUGE, embedding similarity and BE
 F1. Optional: an n-gram contamination scan of training text against every task's items, and
 a pairwise LLM judge against a baseline model. Writes eval.json and one eval_<task>.jsonl per
 task (one row per item) into run.dir.
+
+`backend=vllm` samples the answers (code, gsm8k and text tasks) with vLLM: the RL rollout
+engine (lmforge/rl/vllm_engine.py) built from the loaded checkpoint, fed the same prompt ids,
+stop ids and strings, n, temperature and top_p; scoring is unchanged. Perplexity and the
+judge's baseline still run on the HF model.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,9 @@ from lmforge.sandbox import Isolation, Limits
 from lmforge.tasks.base import AnswerItem, CodeItem
 
 PREFIXED = ("perplexity", "text")
+VLLM_MISSING = ("backend=vllm needs vLLM: make vllm (its own venv: .venv-vllm/bin/lmforge "
+                "eval ...) or pip install vllm")
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 Autocast = Callable[[], AbstractContextManager[None]]
 
 
@@ -63,6 +71,14 @@ def check(cfg: EvalCfg) -> None:
         raise UserError(f"n={cfg.n} samples need temperature > 0 (greedy samples are identical)")
     if cfg.judge.judge and not cfg.judge.baseline:
         raise UserError("judge.baseline: a judge compares this model with a baseline model")
+    if cfg.backend == "vllm":
+        try:
+            import vllm  # noqa: F401  (said before a checkpoint is loaded, not after)
+        except ImportError:
+            raise UserError(VLLM_MISSING) from None
+        if cfg.temperature > 2:
+            raise UserError(f"temperature={cfg.temperature}: backend=vllm samples at temperatures "
+                            "up to 2 (vLLM's limit); use backend=hf")
 
 
 def load_items(name: str, cfg: EvalCfg) -> list[CodeItem] | list[AnswerItem]:
@@ -194,7 +210,7 @@ def _train_docs(paths: list[Path]) -> Any:
 
 
 def run_judge(cfg: EvalCfg, gen: H.Generator, task_items: dict[str, list[Any]], out: Path,
-              autocast: Autocast) -> dict[str, Any]:
+              autocast: Autocast, sample_autocast: Autocast) -> dict[str, Any]:
     from lmforge.eval.judge import judge_pairs, make_judge
     from lmforge.models import load_model
     from lmforge.tokenizer import load_tokenizer
@@ -209,12 +225,35 @@ def run_judge(cfg: EvalCfg, gen: H.Generator, task_items: dict[str, list[Any]], 
         prompts = [it.prompt for items in task_items.values() for it in items]
     prompts = prompts[:j.limit]
     base = H.Generator(load_model(j.baseline).eval(), load_tokenizer(j.baseline))
-    with autocast():
+    with sample_autocast():
         mine = [o[0] for o in gen(prompts, max_new_tokens=j.max_new_tokens)]
+    with autocast():
         theirs = [o[0] for o in base(prompts, max_new_tokens=j.max_new_tokens)]
     rows, summary = judge_pairs(judge, list(zip(prompts, mine, theirs)))
     _write_rows(out / "eval_judge.jsonl", rows)
     return {"baseline": j.baseline, "judge": j.judge, **summary}
+
+
+def attach_vllm(gen: H.Generator, precision_name: str, cfg: EvalCfg) -> str:
+    """Sample `gen`'s answers with the vLLM rollout engine; returns the engine's dtype. It runs
+    in the precision's dtype (autocast does not reach vLLM's kernels). Its KV cache holds
+    `batch_size` sequences of the full context (vLLM schedules more when they are shorter):
+    vLLM's default takes a share of all memory, of RAM on a CPU."""
+    from lmforge.rl.rollout import make_engine
+
+    conf = gen.model.config
+    known = gen.context < 1 << 30  # else vLLM reads the length from the config itself
+    heads = conf.num_attention_heads
+    head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // heads
+    kv_heads = getattr(conf, "num_key_value_heads", None) or heads
+    dtype = VLLM_DTYPES[precision_name]
+    per_token = 2 * conf.num_hidden_layers * kv_heads * head_dim * torch.finfo(
+        getattr(torch, dtype)).bits // 8  # keys and values, every layer
+    kv = per_token * gen.context * cfg.batch_size if known else None
+    gen.engine = make_engine("vllm", gen.model, gen.tokenizer, gen.stop_ids, gen.pad, vllm_args={
+        "dtype": dtype, "seed": cfg.seed, "max_model_len": gen.context if known else None,
+        "kv_cache_memory_bytes": kv})
+    return dtype
 
 
 def main(cfg: EvalCfg) -> dict[str, Any]:
@@ -236,6 +275,13 @@ def main(cfg: EvalCfg) -> dict[str, Any]:
     precision = make_precision(cfg.precision, next(model.parameters()).device.type)
     print(f"eval: {precision.choice.line()}")
     autocast = precision.autocast
+    settings: dict[str, Any] = {"backend": cfg.backend}
+    if cfg.backend == "vllm":
+        settings["backend_dtype"] = attach_vllm(gen, precision.name, cfg)
+        sample_autocast: Autocast = nullcontext
+    else:
+        sample_autocast = autocast
+    print(f"eval: answers sampled with {cfg.backend}")
     results: dict[str, Any] = {}
     task_items: dict[str, list[Any]] = {}
     isolation: Isolation | None = None
@@ -244,11 +290,11 @@ def main(cfg: EvalCfg) -> dict[str, Any]:
         if name == "perplexity":
             results[spec] = run_perplexity(arg, gen, autocast)  # type: ignore[arg-type]
         elif name == "text":
-            results[spec], rows = run_text(arg, gen, cfg, autocast)  # type: ignore[arg-type]
+            results[spec], rows = run_text(arg, gen, cfg, sample_autocast)  # type: ignore[arg-type]
             _write_rows(out / f"eval_{_slug(spec)}.jsonl", rows)
         else:
             task_items[spec] = load_items(name, cfg)
-            results[spec], rows, iso = run_task(name, task_items[spec], gen, cfg, autocast)
+            results[spec], rows, iso = run_task(name, task_items[spec], gen, cfg, sample_autocast)
             isolation = isolation or iso
             _write_rows(out / f"eval_{_slug(spec)}.jsonl", rows)
         print(f"eval {spec}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[spec].items()
@@ -256,7 +302,7 @@ def main(cfg: EvalCfg) -> dict[str, Any]:
     summary: dict[str, Any] = {"model": str(cfg.model.path), "tasks": results,
                                "settings": {"n": cfg.n, "k": cfg.k, "temperature": cfg.temperature,
                                             "top_p": cfg.top_p, "chat": gen.chat,
-                                            "max_new_tokens": cfg.max_new_tokens},
+                                            "max_new_tokens": cfg.max_new_tokens, **settings},
                                "precision": precision.choice.as_dict()}
     if isolation is not None:
         summary["sandbox"] = {"level": isolation.level, "layers": isolation.layers,
@@ -266,6 +312,6 @@ def main(cfg: EvalCfg) -> dict[str, Any]:
     if cfg.contamination.train:
         summary["contamination"] = run_contamination(cfg, task_items, out)
     if cfg.judge.judge:
-        summary["judge"] = run_judge(cfg, gen, task_items, out, autocast)
+        summary["judge"] = run_judge(cfg, gen, task_items, out, autocast, sample_autocast)
     atomic_write_json(out / "eval.json", summary)
     return summary
