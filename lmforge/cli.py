@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting beyond this get HTTP 429")
     v.add_argument("--model-name", help="the name clients ask for (default: CKPT as given)")
+    v.add_argument("--lora", action="append", default=[], metavar="NAME=ADAPTER_DIR",
+                   help="serve a LoRA adapter of CKPT as model NAME next to the base (repeatable)")
     v.add_argument("--backend", choices=("hf", "vllm"), default="hf",
                    help="hf: lmforge's own server; vllm: vLLM's own OpenAI server (run "
                         "from .venv-vllm if vLLM does not import here; --max-queue is not used)")

@@ -10,6 +10,10 @@ share their sampling settings), so concurrent requests are batched, not serializ
 queue answers 429 instead of growing without bound. The engine calls back once per decode
 step; that hook applies each request's own stop ids, stop strings and max_tokens, collects
 log-probs, and streams every token to its HTTP response as it is drawn.
+
+LoRA adapters (`--lora NAME=DIR`, repeatable) are served by name next to the base: the base is
+loaded once and every adapter attached to it with peft; a request's `model` picks one, and the
+worker never puts two adapters (or an adapter and the base) in one batch.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmforge.errors import UserError
 from lmforge.eval.harness import Generator
 from lmforge.generate import check_sampling
+from lmforge.models import _recorded_base, read_adapter_config, resolve_model_dir
 from lmforge.rl.rollout import SamplingCfg
 from lmforge.serve_batch import ApiError, Job, Row, Worker
 
@@ -56,15 +62,25 @@ class Server:
     """The model, its tokenizer and the request -> Job translation, independent of HTTP."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 model_name: str, max_batch: int = 32, max_queue: int = 256) -> None:
+                 model_name: str, max_batch: int = 32, max_queue: int = 256,
+                 adapters: dict[str, PreTrainedTokenizerBase] | None = None,
+                 peft: Any = None) -> None:
+        """`adapters`: name -> the adapter's own tokenizer (its chat template may differ from
+        the base's), each already attached to `model` by `peft` (see `attach_adapters`)."""
         self.tokenizer, self.model_name = tokenizer, model_name
         self.created = int(time.time())
-        self.plain = Generator(model, tokenizer, chat=False)
-        self.chat = (Generator(model, tokenizer, chat=True)
-                     if getattr(tokenizer, "chat_template", None) else None)
+        self.gens = {name: self._generators(model, tok)
+                     for name, tok in {model_name: tokenizer, **(adapters or {})}.items()}
+        self.plain, self.chat = self.gens[model_name]
         self.context = self.plain.context
-        self.worker = Worker(model, tokenizer, self.plain.pad, max_batch, max_queue)
+        self.worker = Worker(model, tokenizer, self.plain.pad, max_batch, max_queue, peft=peft)
         self.max_batch = max_batch
+
+    @staticmethod
+    def _generators(model: PreTrainedModel, tok: PreTrainedTokenizerBase
+                    ) -> tuple[Generator, Generator | None]:
+        return (Generator(model, tok, chat=False),
+                Generator(model, tok, chat=True) if getattr(tok, "chat_template", None) else None)
 
     def job(self, kind: str, body: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Job:
         unknown = sorted(k for k in body if k not in ALLOWED[kind]
@@ -72,10 +88,13 @@ class Server:
         if unknown:
             raise ApiError(400, f"unsupported parameter: {unknown[0]}", unknown[0],
                            code="unsupported_parameter")
-        if body.get("model") != self.model_name:
-            raise ApiError(400, f"model {body.get('model')!r} does not exist; this server has "
-                           f"{self.model_name!r}", "model", code="model_not_found")
-        prompts = self._chat_prompt(body) if kind == "chat" else self._prompts(body.get("prompt"))
+        name = body.get("model")
+        if not isinstance(name, str) or name not in self.gens:
+            raise ApiError(400, f"model {name!r} does not exist; this server has "
+                           f"{', '.join(map(repr, self.gens))}", "model", code="model_not_found")
+        plain, chat = self.gens[name]
+        prompts = (self._chat_prompt(body, name, chat) if kind == "chat"
+                   else self._prompts(body.get("prompt"), plain))
         n = _int(body, "n", 1, 1, self.max_batch)
         temperature = _num(body, "temperature", 1.0)
         top_p = _num(body, "top_p", 1.0)
@@ -103,11 +122,11 @@ class Server:
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ApiError(400, "seed must be an integer", "seed")
-        gen = self.chat if kind == "chat" and self.chat is not None else self.plain
+        gen = chat if kind == "chat" and chat is not None else plain
         rows = [Row(i, max_tokens) for i in range(len(prompts) * n)]
         return Job(kind, prompts, n, SamplingCfg(max_tokens, temperature, 0, top_p), seed,
                    set(gen.stop_ids), tuple(s for s in stop if s), self._top_logprobs(kind, body),
-                   rows, loop, asyncio.Queue())
+                   rows, loop, asyncio.Queue(), name if name != self.model_name else None)
 
     def _top_logprobs(self, kind: str, body: dict[str, Any]) -> int | None:
         lp = body.get("logprobs")
@@ -120,12 +139,12 @@ class Server:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         return top if lp else None
 
-    def _chat_prompt(self, body: dict[str, Any]) -> list[list[int]]:
+    def _chat_prompt(self, body: dict[str, Any], name: str, chat: Generator | None
+                     ) -> list[list[int]]:
         from lmforge.chat import prompt_ids
 
-        if self.chat is None:
-            raise ApiError(400, f"{self.model_name} has no chat template; use /v1/completions",
-                           "messages")
+        if chat is None:
+            raise ApiError(400, f"{name} has no chat template; use /v1/completions", "messages")
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise ApiError(400, "messages must be a non-empty list", "messages")
@@ -142,17 +161,17 @@ class Server:
                 raise ApiError(400, f"messages[{i}] needs a role (system, user, assistant) and "
                                "string content", f"messages[{i}]")
             conv.append({"role": role, "content": content})
-        return [prompt_ids(self.tokenizer, conv)]
+        return [prompt_ids(chat.tokenizer, conv)]
 
-    def _prompts(self, prompt: Any) -> list[list[int]]:
+    def _prompts(self, prompt: Any, plain: Generator) -> list[list[int]]:
         """A string, a list of strings, a list of token ids, or a list of those: each begins
         after end-of-text, as every pretraining document did."""
         if isinstance(prompt, str):
-            return [self.plain.prompt_ids(prompt)]
+            return [plain.prompt_ids(prompt)]
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             return [list(prompt)]
         if isinstance(prompt, list) and prompt:
-            return [p for x in prompt for p in self._prompts(x)]
+            return [p for x in prompt for p in self._prompts(x, plain)]
         raise ApiError(400, "prompt must be a string, a list of strings or token ids", "prompt")
 
 
@@ -214,7 +233,7 @@ def _response(server: Server, job: Job, rid: str, created: int) -> dict[str, Any
         choices = [{"index": r.index, "text": r.text, "logprobs": _logprobs(server, job, r.logprobs),
                     "finish_reason": r.finish} for r in job.rows]
         obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": server.model_name,
+    return {"id": rid, "object": obj, "created": created, "model": job.adapter or server.model_name,
             "choices": choices, "usage": _usage(job)}
 
 
@@ -232,7 +251,7 @@ async def _sse(server: Server, job: Job, rid: str, created: int, usage: bool
                ) -> AsyncIterator[str]:
     chat = job.kind == "chat"
     base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created, "model": server.model_name}
+            "created": created, "model": job.adapter or server.model_name}
 
     def chunk(r: Row, text: str | None, finish: str | None, lp: Any = None,
               role: bool = False) -> str:
@@ -301,9 +320,11 @@ def create_app(server: Server, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model",
-                                            "created": server.created, "owned_by": "lmforge",
-                                            "max_model_len": server.context}]}
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": server.created, "owned_by": "lmforge",
+             "max_model_len": server.context,
+             **({"parent": server.model_name} if name != server.model_name else {})}
+            for name in server.gens]}
 
     async def complete(request: Request, kind: str) -> Response:
         raw = await request.body()
@@ -342,6 +363,9 @@ def serve_cli(ns: argparse.Namespace) -> None:
     [--backend hf|vllm]`."""
     if ns.max_batch < 1 or ns.max_queue < 1:
         raise UserError("--max-batch and --max-queue must be >= 1")
+    if getattr(ns, "backend", "hf") == "vllm" and getattr(ns, "lora", None):
+        raise UserError("--lora is served by the hf backend only; with --backend vllm serve the "
+                        "adapter run's merged final/ instead")
     if getattr(ns, "backend", "hf") == "vllm":
         from lmforge.serve_vllm import serve_vllm
 
@@ -355,14 +379,83 @@ def serve_cli(ns: argparse.Namespace) -> None:
     from lmforge.models import load_model
     from lmforge.tokenizer import load_tokenizer
 
-    model = load_model(ns.ckpt)
+    name = ns.model_name or ns.ckpt
+    specs = lora_specs(getattr(ns, "lora", None) or [], name)
+    model, tokenizer = load_model(ns.ckpt), load_tokenizer(ns.ckpt)
+    peft, adapters = attach_adapters(model, ns.ckpt, tokenizer, specs)
     if torch.cuda.is_available():
         model.to("cuda")
     model.eval()
-    server = Server(model, load_tokenizer(ns.ckpt), ns.model_name or ns.ckpt, ns.max_batch,
-                    ns.max_queue)
+    server = Server(model, tokenizer, name, ns.max_batch, ns.max_queue, adapters, peft)
     if ns.host not in ("127.0.0.1", "localhost", "::1") and not ns.api_key:
         print(f"lmforge serve: warning: listening on {ns.host} without --api-key")
     print(f"lmforge serve: {server.model_name!r} on http://{ns.host}:{ns.port}/v1 "
-          f"(chat template: {'yes' if server.chat else 'none'}; context {server.context})")
+          f"(chat template: {'yes' if server.chat else 'none'}; context {server.context})"
+          + (f"; adapters: {', '.join(adapters)}" if adapters else ""))
     uvicorn.run(create_app(server, ns.api_key), host=ns.host, port=ns.port, log_level="warning")
+
+
+def lora_specs(flags: list[str], base_name: str) -> dict[str, Path]:
+    """`--lora NAME=DIR` flags -> name -> adapter dir (an adapter run's final/ means its
+    adapter/)."""
+    out: dict[str, Path] = {}
+    for flag in flags:
+        name, sep, where = flag.partition("=")
+        if not sep or not name or not where:
+            raise UserError(f"--lora {flag!r}: expected NAME=ADAPTER_DIR")
+        if name in out or name == base_name:
+            raise UserError(f"--lora {flag!r}: the name {name!r} is already served")
+        d = Path(where)
+        if not (d / "adapter_config.json").exists() and (d / "adapter" / "adapter_config.json").exists():
+            d = d / "adapter"
+        out[name] = d
+    return out
+
+
+def check_adapter(name: str, adapter: Path, ckpt: str, n_rows: int,
+                  tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """One line naming the adapter when it was not trained on the served checkpoint or needs
+    token rows the checkpoint lacks; else the adapter's own tokenizer (or the base's)."""
+    from lmforge.tokenizer import load_tokenizer
+
+    base = _recorded_base(adapter, read_adapter_config(adapter))
+    served = Path(resolve_model_dir(ckpt))
+    same = (Path(base).resolve() == served.resolve() if Path(base).exists() and served.exists()
+            else base == ckpt)
+    if not same:
+        grown = Path(base).name == "base" and (Path(base) / "config.json").exists()
+        why = (f"it trained new token rows, so its base is {base}: serve that, or serve the "
+               "merged model" if grown else f"it was trained on {base}")
+        raise UserError(f"--lora {name}: adapter {adapter} does not fit {ckpt}: {why}")
+    tok = load_tokenizer(adapter) if (adapter / "tokenizer_config.json").exists() else tokenizer
+    if len(tok) > n_rows:
+        raise UserError(f"--lora {name}: adapter {adapter} trained new token rows ({len(tok)} "
+                        f"tokens; {ckpt} has {n_rows} embedding rows): serve the run's merged "
+                        "model instead")
+    if tok.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"--lora {name}: adapter {adapter}'s tokenizer differs from {ckpt}'s")
+    return tok
+
+
+def attach_adapters(model: PreTrainedModel, ckpt: str, tokenizer: PreTrainedTokenizerBase,
+                    specs: dict[str, Path]) -> tuple[Any, dict[str, PreTrainedTokenizerBase]]:
+    """Every adapter checked, then attached to `model` in place (peft injects its layers
+    into the base's modules, so the engine keeps calling `model`): (the PeftModel or None,
+    name -> tokenizer)."""
+    if not specs:
+        return None, {}
+    from peft import PeftModel
+
+    n_rows = model.get_input_embeddings().num_embeddings
+    toks = {name: check_adapter(name, d, ckpt, n_rows, tokenizer) for name, d in specs.items()}
+    peft: Any = None
+    for name, d in specs.items():
+        try:
+            if peft is None:
+                peft = PeftModel.from_pretrained(model, str(d), adapter_name=name)
+            else:
+                peft.load_adapter(str(d), adapter_name=name)
+        except Exception as e:  # noqa: BLE001 - peft raises many kinds; the user needs one line
+            raise UserError(f"--lora {name}: cannot load adapter {d}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    return peft, toks

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,15 +68,16 @@ class Job:
     rows: list[Row]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[tuple[str, Any]]
+    adapter: str | None = None  # the LoRA adapter by name; None: the base
 
     def key(self) -> tuple[Any, ...]:
-        """Jobs with one key share a KV cache and a generator. A seeded sampled request runs
-        alone, so its draws do not depend on what else was queued."""
+        """Jobs with one key share a KV cache and a generator, so one adapter. A seeded
+        sampled request runs alone, so its draws do not depend on what else was queued."""
         if self.cfg.temperature == 0:
-            return (0.0,)
+            return (self.adapter, 0.0)
         if self.seed is not None:
-            return (self.cfg.temperature, self.cfg.top_p, id(self))
-        return (self.cfg.temperature, self.cfg.top_p)
+            return (self.adapter, self.cfg.temperature, self.cfg.top_p, id(self))
+        return (self.adapter, self.cfg.temperature, self.cfg.top_p)
 
     def emit(self, kind: str, payload: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
@@ -91,7 +93,8 @@ class Worker:
     """The thread that owns the model: it takes whatever jobs wait and samples them together."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pad_id: int,
-                 max_batch: int, max_queue: int, seed: int = 0) -> None:
+                 max_batch: int, max_queue: int, seed: int = 0, peft: Any = None) -> None:
+        self.peft = peft  # the PeftModel whose adapters are injected into `model`, or None
         self.engine = HfEngine(model, tokenizer, [], pad_id)  # stops are per request: the hook
         self.tokenizer, self.max_batch = tokenizer, max_batch
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
@@ -145,7 +148,9 @@ class Worker:
                if head.seed is not None and cfg.temperature > 0 else self.generator)
         self.batches.append(len(rows))
         try:
-            self.engine.generate(prompts, cfg, gen, on_step=lambda b, t, lg: self._step(rows, b, t, lg))
+            with self._adapter(head.adapter):
+                self.engine.generate(prompts, cfg, gen,
+                                     on_step=lambda b, t, lg: self._step(rows, b, t, lg))
         except Exception as e:  # the server stays up; the requests in this batch learn why
             for job in group:
                 job.emit("error", f"generation failed: {type(e).__name__}: {e}")
@@ -156,6 +161,15 @@ class Worker:
                 self._flush(job, r)
         for job in group:
             job.emit("done", None)
+
+    def _adapter(self, name: str | None) -> AbstractContextManager[Any]:
+        """The group's adapter switched on; the base: every adapter switched off."""
+        if self.peft is None:
+            return nullcontext()
+        if name is None:
+            return self.peft.disable_adapter()  # type: ignore[no-any-return]
+        self.peft.set_adapter(name)
+        return nullcontext()
 
     def _step(self, rows: list[tuple[Job, Row]], batch: list[int], toks: list[int],
               logits: torch.Tensor) -> set[int]:

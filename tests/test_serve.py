@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     save_hf(peaked_llama(len(tok)), d, tok)
     model, tok = load_model(d).eval(), load_tokenizer(d)
     server = Server(model, tok, NAME, max_batch=16, max_queue=64)
+    with running(server) as base:
+        yield Live(server, base, tok, model)
+
+
+@contextmanager
+def running(server: Server) -> Iterator[str]:
+    """uvicorn serving `server` in a thread on an ephemeral loopback port; stopped after."""
     config = uvicorn.Config(create_app(server, api_key=KEY), host="127.0.0.1", port=0,
                             log_level="warning", lifespan="on")
     http = uvicorn.Server(config)
@@ -93,9 +101,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
     port = http.servers[0].sockets[0].getsockname()[1]
-    yield Live(server, f"http://127.0.0.1:{port}", tok, model)
-    http.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        http.should_exit = True
+        thread.join(timeout=30)
     assert not thread.is_alive() and not server.worker._thread.is_alive()
 
 
@@ -301,3 +311,138 @@ def test_cli_without_fastapi_says_what_to_install(monkeypatch, tmp_path: Path, c
     assert main(["serve", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "lmforge[serve]" in err and len(err.splitlines()) == 1
+
+
+# --- LoRA adapters served by name next to the base ---------------------------------------
+
+ADAPTER = "tuned"
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The base checkpoint plus a LoRA adapter of it (random, large B so its answers differ),
+    served as NAME and ADAPTER; also the adapter merged into a copy, for reference."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from lmforge.serve import attach_adapters, lora_specs
+
+    d = tmp_path_factory.mktemp("lora")
+    tok = make_chat_tokenizer(d / "base")
+    install_format(tok, resolve_format(tok, "lmforge"))
+    save_hf(peaked_llama(len(tok)), d / "base", tok)
+    trained = get_peft_model(load_model(d / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_" in n:  # lora_B starts at zero: the adapter would be the identity
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    trained.save_pretrained(d / "adapter")
+    merged = copy.deepcopy(trained).merge_and_unload().eval()
+
+    model, tok = load_model(d / "base").eval(), load_tokenizer(d / "base")
+    peft, adapters = attach_adapters(model, str(d / "base"), tok,
+                                     lora_specs([f"{ADAPTER}={d / 'adapter'}"], NAME))
+    server = Server(model, tok, NAME, max_batch=16, max_queue=64, adapters=adapters, peft=peft)
+    plain = load_model(d / "base").eval()  # the base, never touched by peft
+    with running(server) as base:
+        yield {"client": openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0,
+                                       timeout=60),
+               "server": server, "tok": tok, "dir": d, "models": {NAME: plain, ADAPTER: merged}}
+
+
+def greedy(lo: dict, name: str, q: str, max_new: int = 8) -> str:
+    """A direct greedy answer from one plain model (the base, or the merged adapter)."""
+    gen = Generator(lo["models"][name], lo["tok"], chat=True)
+    eng = HfEngine(lo["models"][name], lo["tok"], gen.stop_ids, gen.pad)
+    ids = prompt_ids(lo["tok"], [{"role": "user", "content": q}])
+    return eng.generate([ids], SamplingCfg(max_new_tokens=max_new, temperature=0.0),
+                        torch.Generator().manual_seed(0)).texts[0]
+
+
+def ask(lo: dict, name: str, q: str) -> str:
+    r = lo["client"].chat.completions.create(model=name, max_tokens=8, temperature=0,
+                                             messages=[{"role": "user", "content": q}])
+    assert r.model == name
+    return r.choices[0].message.content
+
+
+def test_lora_models_lists_base_and_adapter(lora: dict) -> None:
+    assert [m.id for m in lora["client"].models.list()] == [NAME, ADAPTER]
+
+
+def test_lora_answer_is_the_merged_models_and_base_is_unchanged(lora: dict) -> None:
+    """Greedy decoding on the unmerged adapter equals the merged model's: the two differ only
+    by float32 rounding of W + BA vs W x + B(A x) (~1e-6 relative), far below the gap between
+    the top two logits of this peaked model, so the argmax tokens agree."""
+    for q in QUESTIONS[:3]:
+        want_lora, want_base = greedy(lora, ADAPTER, q), greedy(lora, NAME, q)
+        assert want_lora != want_base  # the adapter really changes the answer
+        assert ask(lora, ADAPTER, q) == want_lora
+        assert ask(lora, NAME, q) == want_base
+    # the last batch ran the base: the adapter is switched back on for the next one
+    assert ask(lora, ADAPTER, QUESTIONS[0]) == greedy(lora, ADAPTER, QUESTIONS[0])
+
+
+def test_lora_concurrent_requests_never_mix_adapters(lora: dict, monkeypatch) -> None:
+    """8 clients at once, alternating base and adapter: each answer is its own model's, and
+    the queued requests ran in batches of one model each (at least one shared)."""
+    worker = lora["server"].worker
+    engine, real, seen = worker.engine, worker.engine.generate, []
+
+    def record(prompts, *a, **kw):
+        if not seen:
+            time.sleep(0.5)  # let the others queue behind the first batch
+        layer = next(m for m in worker.peft.modules() if hasattr(m, "lora_A"))
+        active = None if layer.disable_adapters else layer.active_adapters[0]
+        seen.append((active, len(prompts)))
+        return real(prompts, *a, **kw)
+
+    monkeypatch.setattr(engine, "generate", record)
+    jobs = [(ADAPTER if i % 2 else NAME, q) for i, q in enumerate(QUESTIONS)]
+    answers: dict[int, str] = {}
+    barrier = threading.Barrier(len(jobs))
+
+    def one(i: int) -> None:
+        barrier.wait()
+        answers[i] = ask(lora, *jobs[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert answers == {i: greedy(lora, name, q) for i, (name, q) in enumerate(jobs)}
+    assert sum(n for _, n in seen) == len(jobs) and max(n for _, n in seen) > 1
+    assert {a for a, _ in seen} == {None, ADAPTER}
+
+
+def test_lora_that_does_not_fit_is_one_line(lora: dict, tmp_path: Path) -> None:
+    """An adapter of another base, or one whose tokenizer grew, is refused at startup by name."""
+    import shutil
+
+    from lmforge.errors import UserError
+    from lmforge.serve import attach_adapters, lora_specs
+
+    model, tok = load_model(lora["dir"] / "base"), lora["tok"]
+    other = tmp_path / "other"
+    shutil.copytree(lora["dir"] / "adapter", other)
+    conf = json.loads((other / "adapter_config.json").read_text())
+    conf["base_model_name_or_path"] = str(tmp_path / "elsewhere")
+    (other / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(UserError, match=r"--lora odd: .* was trained on .*elsewhere"):
+        attach_adapters(model, str(lora["dir"] / "base"), tok, lora_specs([f"odd={other}"], NAME))
+    grown = tmp_path / "grown"
+    shutil.copytree(lora["dir"] / "adapter", grown)
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    try:
+        tok.save_pretrained(grown)
+    finally:
+        tok = load_tokenizer(lora["dir"] / "base")
+    with pytest.raises(UserError, match=r"--lora big: .* trained new token rows"):
+        attach_adapters(model, str(lora["dir"] / "base"), tok, lora_specs([f"big={grown}"], NAME))
+    for bad in ("noequals", f"{NAME}={grown}"):
+        with pytest.raises(UserError, match="--lora"):
+            lora_specs([bad], NAME)
