@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill bench-serve clean
+.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill bench-serve bench-backends clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -118,3 +118,9 @@ clean:
 # vllm`, from .venv-vllm) once `make vllm` has built it
 bench-serve: $(VENV)/.dev
 	$(BIN)/python bench/serve_load.py
+
+# the GPT-2 MBPP recipe (SFT, pairs, DPO, GRPO, evals) under hf/hf, hf/vllm and unsloth/vllm:
+# peak RSS, peak GPU memory, generation/training seconds per stage, pass@1; tiny and offline
+# by default (bench/backends.py --full for the real recipe); vllm rows need `make vllm`
+bench-backends: $(VENV)/.dev
+	$(BIN)/python bench/backends.py
