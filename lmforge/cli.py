@@ -256,10 +256,6 @@ def _dispatch(ns: argparse.Namespace) -> int:
     else:
         path, overrides = _split_args(ns.args)
     cfg = load_config(STAGES[ns.command], path, overrides)
-    if ns.command == "quantize":  # run.dir may come from --out: never another stage's
-        from lmforge.stages.quantize import check_run_dir
-
-        check_run_dir(cfg.run.dir)  # type: ignore[attr-defined]
     if getattr(ns, "preview", 0):
         from lmforge.stages.sft import preview
 

@@ -118,9 +118,9 @@ def heldout_texts(tokenizer: Any, bench: QuantBenchCfg, seed: int) -> tuple[list
     held-out problems answered by their reference solutions (in the chat template when the
     tokenizer has one: the text a chat model is used on)."""
     if bench.text is not None:
-        from lmforge.stages.eval import _texts
+        from lmforge.stages.eval import text_set
 
-        docs, what = _texts(bench.text), str(bench.text)
+        docs, what = text_set(bench.text), str(bench.text)
     else:
         chat = bool(getattr(tokenizer, "chat_template", None))
         docs = [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt},

@@ -62,7 +62,7 @@ class _Window:
     scored: int  # the last `scored` targets are new; the ones before are context only
 
 
-def _max_positions(model: torch.nn.Module) -> int | None:
+def max_positions(model: torch.nn.Module) -> int | None:
     conf = getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         v = getattr(conf, key, None)
@@ -145,7 +145,7 @@ def perplexity(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts
     Returns {"perplexity", "nll" (mean nats per scored token), "tokens" (scored), "documents"}.
     """
     _check_texts(texts, "texts")
-    limit = _max_positions(model)
+    limit = max_positions(model)
     L = max_length if max_length is not None else limit
     if L is None:
         raise UserError("the model's config names no max positions: pass max_length")

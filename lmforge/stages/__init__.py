@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import time
@@ -49,6 +50,7 @@ def run_stage(name: str, cfg: C.Cfg) -> dict[str, Any]:
     or a read-only filesystem met on the way is one line naming run.dir."""
     out: Path = cfg.run.dir  # type: ignore[attr-defined]
     check_inputs(cfg)
+    check_run_dir(out, name)
     ensure_writable_dir(out, "run.dir")
     with storage_errors(out):
         (out / "summary.json").unlink(missing_ok=True)  # a rerun is not finished until it says so
@@ -58,6 +60,21 @@ def run_stage(name: str, cfg: C.Cfg) -> dict[str, Any]:
         summary = {"stage": name, "wall_time_s": round(time.perf_counter() - t0, 2), **summary}
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def check_run_dir(out: Path, stage: str) -> None:
+    """run.dir must not be another stage's directory or a pipeline's root: a stage writes its
+    config.yaml and summary.json there, and a summary is another stage's mark of done."""
+    try:
+        done = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("stage")
+    except (OSError, ValueError, AttributeError):
+        done = None
+    if done not in (None, stage):
+        raise UserError(f"run.dir {out} is the {done} stage's directory; name a new one")
+    stages = sorted(d.parent.name for d in out.glob("*/summary.json")) if out.is_dir() else []
+    if stages:
+        raise UserError(f"run.dir {out} holds a pipeline's stages ({', '.join(stages[:3])}); "
+                        "name a new directory")
 
 
 def check_inputs(cfg: C.Cfg) -> None:

@@ -144,7 +144,7 @@ def run_task(name: str, items: list[Any], gen: H.Generator, cfg: EvalCfg, autoca
     return summary, rows, isolation
 
 
-def _texts(path: Path) -> list[str]:
+def text_set(path: Path) -> list[str]:
     """A text set: a corpus stage dir (its val split), .txt, or .jsonl/.json rows' text."""
     from lmforge.eval.contamination import eval_texts_from_file
 
@@ -161,7 +161,7 @@ def run_perplexity(path: str, gen: H.Generator, autocast: Autocast) -> dict[str,
     from lmforge.eval.text_metrics import perplexity
 
     with autocast():
-        out = perplexity(gen.model, gen.tokenizer, _texts(Path(path)))
+        out = perplexity(gen.model, gen.tokenizer, text_set(Path(path)))
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 

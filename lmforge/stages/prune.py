@@ -131,9 +131,9 @@ def held_out(cfg: PruneCfg) -> tuple[list[str], str] | None:
 
 def perplexity_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
                   cfg: PruneCfg) -> float:
-    from lmforge.eval.text_metrics import perplexity
+    from lmforge.eval.text_metrics import max_positions, perplexity
 
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = max_positions(model)  # perplexity refuses a window longer than the model's
     length = min(cfg.eval.max_length, limit) if limit else cfg.eval.max_length
     return float(perplexity(model, tokenizer, texts, max_length=length)["perplexity"])
 

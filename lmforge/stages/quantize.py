@@ -12,7 +12,6 @@ before the export: a difference fails the stage. With `bench` set, the compariso
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -22,21 +21,6 @@ from lmforge.compress import quantize as Q
 from lmforge.compress.config import QuantBenchCfg, QuantizeCfg
 from lmforge.errors import TrainingError, UserError
 from lmforge.models import foreign_entries, listing, resolve_model_dir, written_kind
-
-
-def check_run_dir(out: Path) -> None:
-    """`--out` must not be another stage's directory or a pipeline's root: the stage writes
-    its config.yaml and summary.json there, and a summary is another stage's mark of done."""
-    try:
-        done = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("stage")
-    except (OSError, ValueError, AttributeError):
-        done = None
-    if done not in (None, "quantize"):
-        raise UserError(f"run.dir {out} is the {done} stage's directory; name a new one")
-    stages = sorted(d.parent.name for d in out.glob("*/summary.json")) if out.is_dir() else []
-    if stages:
-        raise UserError(f"run.dir {out} holds a pipeline's stages ({', '.join(stages[:3])}); "
-                        "name a new directory")
 
 
 def check_target(final: Path, source: str) -> None:

@@ -30,7 +30,8 @@ from lmforge.compress.qbench import (
 )
 from lmforge.errors import UserError
 from lmforge.models import save_hf
-from lmforge.stages.quantize import check_run_dir, check_target, main
+from lmforge.stages import check_run_dir
+from lmforge.stages.quantize import check_target, main
 from tests.conftest import BOS_ID, EOS_ID, PAD_ID, make_chat_tokenizer
 
 # the decode loop passes its KV cache by the name every supported transformers accepts
@@ -127,9 +128,9 @@ def test_an_export_never_replaces_what_lmforge_did_not_write(model_dir: Path, tm
     (tmp_path / "grpo").mkdir()
     (tmp_path / "grpo" / "summary.json").write_text('{"stage": "grpo"}')
     with pytest.raises(UserError, match="is the grpo stage's directory"):
-        check_run_dir(tmp_path / "grpo")
+        check_run_dir(tmp_path / "grpo", "quantize")
     with pytest.raises(UserError, match=r"holds a pipeline's stages \(grpo\)"):
-        check_run_dir(tmp_path)
+        check_run_dir(tmp_path, "quantize")
 
 
 # --------------------------------------------------------------------------- bytes
