@@ -238,13 +238,30 @@ def _response(server: Server, job: Job, rid: str, created: int) -> dict[str, Any
 
 
 async def _events(job: Job) -> AsyncIterator[tuple[str, Any]]:
-    while True:
-        kind, payload = await job.events.get()
-        if kind == "done":
-            return
-        if kind == "error":
-            raise ApiError(500, payload, None, "server_error")
-        yield kind, payload
+    """The worker's events for `job` until it is done. Left early (the streaming response is
+    cancelled when its client disconnects), the job is cancelled: the worker stops sampling it."""
+    done = False
+    try:
+        while True:
+            kind, payload = await job.events.get()
+            if kind == "done":
+                done = True
+                return
+            if kind == "error":
+                done = True
+                raise ApiError(500, payload, None, "server_error")
+            yield kind, payload
+    finally:
+        if not done:
+            job.cancelled.set()
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """A non-streamed request is not cancelled by the server when its client leaves: look
+    twice a second while it is sampled, and cancel the job when the client is gone."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.5)
+    job.cancelled.set()
 
 
 async def _sse(server: Server, job: Job, rid: str, created: int, usage: bool
@@ -288,7 +305,7 @@ async def _sse(server: Server, job: Job, rid: str, created: int, usage: bool
 
 def create_app(server: Server, api_key: str | None = None) -> FastAPI:
     """The ASGI app; the worker thread runs for the app's lifespan."""
-    from fastapi import FastAPI
+    from fastapi import Depends, FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
     @asynccontextmanager
@@ -299,20 +316,19 @@ def create_app(server: Server, api_key: str | None = None) -> FastAPI:
         finally:
             server.worker.close()
 
-    app = FastAPI(title="lmforge", lifespan=lifespan)
+    def authorized(request: Request) -> None:
+        """The API key, on every /v1 route. A dependency, not an HTTP middleware: Starlette's
+        BaseHTTPMiddleware hides a client's disconnect from the route it wraps."""
+        if api_key and request.url.path.startswith("/v1") and \
+                not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", None,
+                           "authentication_error", "invalid_api_key")
+
+    app = FastAPI(title="lmforge", lifespan=lifespan, dependencies=[Depends(authorized)])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> Response:
         return JSONResponse(e.body(), status_code=e.status)
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next: Any) -> Response:
-        if api_key and request.url.path.startswith("/v1") and \
-                not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
-            e = ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", None,
-                         "authentication_error", "invalid_api_key")
-            return JSONResponse(e.body(), status_code=401)
-        return await call_next(request)  # type: ignore[no-any-return]
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -343,8 +359,14 @@ def create_app(server: Server, api_key: str | None = None) -> FastAPI:
             usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
             return StreamingResponse(_sse(server, job, rid, created, usage),
                                      media_type="text/event-stream")
-        async for _ in _events(job):
-            pass
+        watch = asyncio.create_task(_watch_disconnect(request, job))
+        try:
+            async for _ in _events(job):
+                pass
+        finally:
+            watch.cancel()
+        if job.cancelled.is_set():
+            return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
         return JSONResponse(_response(server, job, rid, created))
 
     @app.post("/v1/chat/completions")

@@ -3,7 +3,8 @@ together through the rollout engine's KV-cached sampler (`HfEngine`).
 
 Dynamic batching: the worker takes whatever requests wait (up to `max_batch` rows) and runs
 them as one engine call per group that shares sampling settings; requests that arrive while a
-batch decodes wait for the next one. The engine calls back once per decode step; the hook
+batch decodes wait for the next one. A request whose client disconnects is cancelled: its
+rows leave the batch at the next decode step (the engine drops ended rows from its cache). The engine calls back once per decode step; the hook
 applies each request's own stop ids, stop strings and max_tokens, collects log-probs, and hands
 every token to the request's event loop as it is drawn (true per-token streaming).
 """
@@ -69,6 +70,9 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[tuple[str, Any]]
     adapter: str | None = None  # the LoRA adapter by name; None: the base
+    # set by the request's side when its client has gone: the worker drops the job's rows
+    # (at the next decode step, or before its batch starts) rather than sample for no one
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     def key(self) -> tuple[Any, ...]:
         """Jobs with one key share a KV cache and a generator, so one adapter. A seeded
@@ -100,6 +104,7 @@ class Worker:
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.generator = torch.Generator().manual_seed(seed)
         self.batches: list[int] = []  # rows per engine call (tests and load benchmarks read it)
+        self.cancelled_rows = 0  # rows dropped mid-decode because their client went away
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmforge-serve", daemon=True)
 
@@ -132,7 +137,7 @@ class Worker:
                 taken.append(job)
                 rows += len(job.rows)
             groups: dict[tuple[Any, ...], list[Job]] = {}
-            for job in taken:
+            for job in (j for j in taken if not j.cancelled.is_set()):
                 groups.setdefault(job.key(), []).append(job)
             for group in groups.values():
                 self._sample(group)
@@ -176,6 +181,9 @@ class Worker:
         ended: set[int] = set()
         for k, (b, tok) in enumerate(zip(batch, toks)):
             job, r = rows[b]
+            if job.cancelled.is_set() and r.finish is None:
+                r.finish = "cancelled"  # its client is gone: the row leaves the batch now
+                self.cancelled_rows += 1
             if r.finish is not None:
                 ended.add(b)
                 continue

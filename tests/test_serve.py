@@ -295,6 +295,91 @@ def test_full_queue_is_429(live: Live) -> None:
         loop.close()
 
 
+class Slowed:
+    """The live worker made slow enough to disconnect from mid-answer, whatever this machine's
+    speed: each decode step waits 50 ms, and the first engine call 0.5 s more (so the requests
+    sent meanwhile queue and share the next batch). Records the jobs it is given."""
+
+    def __init__(self, live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.worker, self.jobs = live.server.worker, []
+        step, submit, generate = self.worker._step, self.worker.submit, self.worker.engine.generate
+        calls: list[int] = []
+
+        def slow_generate(*a, **kw):
+            if not calls:
+                time.sleep(0.5)
+            calls.append(1)
+            return generate(*a, **kw)
+
+        monkeypatch.setattr(self.worker, "_step", lambda *a: (time.sleep(0.05), step(*a))[1])
+        monkeypatch.setattr(self.worker, "submit", lambda job: (self.jobs.append(job), submit(job))[1])
+        monkeypatch.setattr(self.worker.engine, "generate", slow_generate)
+
+    def settled(self, job: Job) -> None:
+        deadline = time.monotonic() + 30
+        while any(r.finish is None for r in job.rows):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+
+def test_a_disconnected_stream_stops_sampling_and_its_batch_goes_on(live: Live, monkeypatch) -> None:
+    """A streaming client that leaves mid-answer: its row leaves the batch at the next decode
+    step instead of sampling to max_tokens for no one; the request batched with it still gets
+    its whole, correct answer."""
+    q, N = QUESTIONS[0], 40
+    ref = live.reference(live.chat_ids(q), chat=True, max_new=N)
+    assert ref.finish == ["length"]  # left alone, this answer runs all N tokens
+    slowed, before = Slowed(live, monkeypatch), live.server.worker.cancelled_rows
+    msgs = [{"role": "user", "content": q}]
+    first = threading.Thread(target=lambda: live.client.completions.create(
+        model=NAME, prompt="x", max_tokens=1))  # occupies the worker while the two queue
+    first.start()
+    time.sleep(0.2)
+    kept: dict[str, str] = {}
+    other = threading.Thread(target=lambda: kept.setdefault("text", live.client.chat.completions.create(
+        model=NAME, max_tokens=N, temperature=0, messages=msgs).choices[0].message.content))
+    other.start()
+    stream = live.client.chat.completions.create(model=NAME, max_tokens=N, temperature=0,
+                                                 stream=True, messages=msgs)
+    chunks = iter(stream)
+    while not next(chunks).choices[0].delta.content:  # the role chunk, then the first text
+        pass
+    stream.close()
+    first.join(timeout=60)
+    other.join(timeout=60)
+    gone = slowed.jobs[2]
+    slowed.settled(gone)
+    assert kept["text"] == ref.texts[0]
+    assert gone.rows[0].finish == "cancelled" and len(gone.rows[0].ids) < N
+    assert live.server.worker.cancelled_rows == before + 1
+    assert len(slowed.jobs[1].rows[0].ids) == N  # its batch-mate ran to the end
+
+
+def test_a_disconnected_unstreamed_request_is_cancelled(live: Live, monkeypatch) -> None:
+    """Without streaming the server is not told of a disconnect: it checks the connection
+    while the answer is sampled (twice a second) and cancels the job."""
+    import socket
+    from urllib.parse import urlparse
+
+    q, N = QUESTIONS[1], 40
+    assert live.reference(live.chat_ids(q), chat=True, max_new=N).finish == ["length"]
+    slowed = Slowed(live, monkeypatch)
+    body = json.dumps({"model": NAME, "max_tokens": N, "temperature": 0,
+                       "messages": [{"role": "user", "content": q}]}).encode()
+    url = urlparse(live.base)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nAuthorization: Bearer " + KEY.encode() +
+                     f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while not slowed.jobs or not slowed.jobs[0].rows[0].ids:  # sampling has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    job = slowed.jobs[0]
+    slowed.settled(job)
+    assert job.rows[0].finish == "cancelled" and len(job.rows[0].ids) < N
+
+
 def test_cli_without_fastapi_says_what_to_install(monkeypatch, tmp_path: Path, capsys) -> None:
     import builtins
 
