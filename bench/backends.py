@@ -10,8 +10,13 @@ training/generation backend pair:
 - hf/vllm: GRPO rollouts (`grpo.rollout.backend=vllm`) and every eval's sampling
   (`eval-*.backend=vllm`) through vLLM; the pairs stage samples with hf (it has no backend
   switch). vLLM lives in its own venv (`make vllm`), so these rows run that venv's python;
-- unsloth/vllm: as hf/vllm plus `train.backend=unsloth` for SFT, DPO and GRPO; only where CUDA
-  and unsloth are importable, else the row says why.
+- unsloth/vllm: `train.backend=unsloth` for SFT, DPO and GRPO, the evals through vLLM as in
+  hf/vllm; GRPO's rollouts through the vLLM engine Unsloth starts inside the policy
+  (`grpo.rollout.backend=unsloth`: one copy of the base weights, the adapter handed over after
+  each step) when the stages train adapters (`--lora lora|qlora`), else through a colocated
+  vLLM as in hf/vllm (the recipe fine-tunes GPT-2 fully); only where CUDA and unsloth are
+  importable, else the row says why.
+`--lora M` sets every training stage's lora.method in every row, so rows stay comparable.
 
 Measured per row: peak RSS of the whole process tree (the `lmforge run` process and every
 child: vLLM's engine core and the sandbox workers), polled from /proc every 0.2 s, so a child
@@ -31,6 +36,7 @@ uses N problems of each MBPP split from a real mbpp.jsonl instead (e.g. ../share
     python bench/backends.py --rows hf/hf,hf/vllm --threads 2
     python bench/backends.py --mbpp ../shared/data/mbpp/mbpp.jsonl --limit 20
     python bench/backends.py --full --recipe dpo      # the real recipe (hub or shared data)
+    python bench/backends.py --full --lora qlora      # QLoRA everywhere: Unsloth's own vLLM
 """
 
 from __future__ import annotations
@@ -118,11 +124,17 @@ def full_overrides(recipe: str, mbpp: Path | None) -> list[str]:
     return ov + ([f"grpo.data.train=mbpp:{mbpp}"] if recipe == "grpo" else [])
 
 
-def backend_overrides(row: str, recipe: str) -> list[str]:
+def backend_overrides(row: str, recipe: str, lora: str | None = None) -> list[str]:
     train, gen = row.split("/")
-    ov = [f"{s}.train.backend={train}" for s in TRAIN_STAGES if recipe == "grpo" or s != "grpo"]
+    stages = [s for s in TRAIN_STAGES if recipe == "grpo" or s != "grpo"]
+    ov = [f"{s}.train.backend={train}" for s in stages]
+    ov += [f"{s}.lora.method={lora}" for s in stages if lora]
     ov += [f"{e}.backend={gen}" for e in evals_of(recipe)]
-    return ov + ([f"grpo.rollout.backend={gen}"] if recipe == "grpo" else [])
+    # Unsloth's own vLLM integration carries a LoRA adapter; a full fine-tune's rollouts go
+    # through the colocated engine, which takes the whole weights
+    adapters = lora in ("lora", "qlora")
+    rollout = "unsloth" if train == "unsloth" and adapters else gen
+    return ov + ([f"grpo.rollout.backend={rollout}"] if recipe == "grpo" else [])
 
 
 def probe(py: Path, code: str) -> str | None:
@@ -278,6 +290,8 @@ def main() -> None:
     ap.add_argument("--mbpp", type=Path,
                     help="a real mbpp.jsonl (e.g. ../shared/data/mbpp/mbpp.jsonl)")
     ap.add_argument("--limit", type=int, default=10, help="problems per MBPP split with --mbpp")
+    ap.add_argument("--lora", choices=["full", "lora", "dora", "qlora"],
+                    help="lora.method of every training stage in every row (default: the recipe's)")
     ap.add_argument("--threads", type=int, help="OMP/MKL threads of every row")
     ap.add_argument("--out", type=Path, help="keep the runs here (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per row")
@@ -294,6 +308,7 @@ def main() -> None:
         base = scale_overrides(a.recipe, gpt2, data)
         scale = (f"tiny GPT-2 (d128, 2 layers), {len(data.read_text().splitlines())} "
                  f"{'MBPP' if a.mbpp else 'MBPP-shaped'} problems")
+    scale += f", lora.method={a.lora} everywhere" if a.lora else ""
     env = dict(os.environ)
     if a.threads:
         env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
@@ -307,7 +322,7 @@ def main() -> None:
         run = work / row.replace("/", "-")
         recipe = ROOT / f"configs/gpt2-mbpp-{a.recipe}.yaml"
         cmd = [str(py), "-m", "lmforge.cli", "run", str(recipe), f"dir={run}",
-               *base, *backend_overrides(row, a.recipe)]
+               *base, *backend_overrides(row, a.recipe, a.lora)]
         print(f"{row}: running with {py}", flush=True)
         # peak_mem_mb is torch's CUDA max allocated only where the row's torch sees a GPU
         cuda = probe(py, "import torch, sys; sys.exit(not torch.cuda.is_available())") is None

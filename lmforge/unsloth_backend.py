@@ -21,8 +21,9 @@ sys.exit(main())" sft CONFIG.yaml train.backend=unsloth`.
 
 Full fine-tuning goes through the same call: `from_pretrained(full_finetuning=True)` is
 Unsloth's documented switch for it (no adapter, 16-bit weights).
-GRPO's generation stays on `rollout.backend` (hf: the KV-cached sampler over this model);
-Unsloth's own vLLM integration (`fast_inference=True`, `model.fast_generate`) is not wired."""
+GRPO's generation is `rollout.backend`'s: hf (the KV-cached sampler over this model), vllm
+(a second, colocated engine), or unsloth: Unsloth's own vLLM integration, started here by
+`from_pretrained(fast_inference=True)` and sampled by rl/unsloth_engine.py."""
 
 from __future__ import annotations
 
@@ -82,12 +83,15 @@ def lora_targets(model: PreTrainedModel, lora: LoraCfg) -> list[str]:
 
 def load_unsloth(path: str | None, lora: LoraCfg, max_seq_length: int, *, n_vocab: int,
                  new_token_ids: list[int], stop_ids: list[int], pad_id: int, seed: int = 0,
-                 trust_remote_code: bool = False) -> PreTrainedModel:
+                 trust_remote_code: bool = False, vllm_share: float | None = None) -> PreTrainedModel:
     """The policy as `load_sft_model` builds it (rows for the template's new tokens, the stop
     ids in its generation config, adapters training those rows), through Unsloth's API:
     `FastLanguageModel.from_pretrained` (4-bit NF4 for qlora, 16-bit otherwise, the whole
     model for full) and `FastLanguageModel.get_peft_model` with Unsloth's gradient
-    checkpointing (activations offloaded to CPU RAM)."""
+    checkpointing (activations offloaded to CPU RAM). With `vllm_share` (GRPO's
+    rollout.backend=unsloth) Unsloth also starts its vLLM engine on that share of the GPU,
+    sharing the base weights; vLLM's LoRA then carries the adapter, so no token rows are
+    trained and none may be added."""
     from lmforge.models import add_rows_for_new_tokens, check_targets, resolve_model_dir
 
     check_unsloth("train.backend=unsloth")
@@ -95,10 +99,18 @@ def load_unsloth(path: str | None, lora: LoraCfg, max_seq_length: int, *, n_voca
         raise UserError("train.backend=unsloth loads a pretrained model: set model.path")
     FastLanguageModel = _fast_language_model()
     full = lora.method == "full"
+    fast = {} if vllm_share is None else {"fast_inference": True, "max_lora_rank": lora.r,
+                                           "gpu_memory_utilization": vllm_share}
     model, _ = FastLanguageModel.from_pretrained(  # its tokenizer is unused: lmforge's has the template
         model_name=resolve_model_dir(path), max_seq_length=max_seq_length, dtype=None,
         load_in_4bit=lora.method == "qlora", full_finetuning=full, fix_tokenizer=False,
-        trust_remote_code=trust_remote_code, random_state=seed)
+        trust_remote_code=trust_remote_code, random_state=seed, **fast)
+    rows = model.get_input_embeddings().num_embeddings
+    if fast and n_vocab > rows:
+        raise UserError(f"rollout.backend=unsloth: the chat template needs {n_vocab - rows} new "
+                        f"token rows ({rows} -> {n_vocab}), which vLLM's LoRA cannot carry: start "
+                        "from a model trained with the template (an lmforge sft run) or use "
+                        "rollout.backend=vllm")
     add_rows_for_new_tokens(model, n_vocab)
     # generation (HF, vLLM) stops at the template's end-of-turn token, saved with the model
     model.generation_config.eos_token_id = stop_ids
@@ -107,6 +119,10 @@ def load_unsloth(path: str | None, lora: LoraCfg, max_seq_length: int, *, n_voca
         return model  # type: ignore[no-any-return]
     check_targets(model, lora.target_modules)
     train_rows = sorted(new_token_ids) if lora.train_new_tokens and new_token_ids else None
+    if fast and train_rows:
+        print("rollout.backend=unsloth: the template's token rows are not trained (vLLM's LoRA "
+              "cannot carry them); they keep the model's values")
+        train_rows = None
     # use_dora and trainable_token_indices are not named parameters of get_peft_model: Unsloth
     # passes its extra keywords on to peft's LoraConfig (DoRA layers take its slower path)
     return FastLanguageModel.get_peft_model(  # type: ignore[no-any-return]
@@ -129,3 +145,10 @@ def max_seq_length(cfg: Any) -> int:
     conf = AutoConfig.from_pretrained(resolve_model_dir(cfg.model.path),
                                       trust_remote_code=cfg.model.trust_remote_code)
     return int(getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", 2048))
+
+
+def vllm_share(cfg: Any) -> float | None:
+    """The GPU share of the vLLM engine Unsloth starts with the policy: GRPO's
+    rollout.gpu_memory_utilization under rollout.backend=unsloth; None for every other run."""
+    rollout = getattr(cfg, "rollout", None)
+    return rollout.gpu_memory_utilization if getattr(rollout, "backend", None) == "unsloth" else None

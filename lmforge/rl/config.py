@@ -23,7 +23,10 @@ from lmforge.config import (
 
 
 class RolloutCfg(Cfg):
-    backend: Literal["hf", "vllm"] = "hf"
+    # hf: the KV-cached sampler over the trained module; vllm: a colocated vLLM engine fed the
+    # merged weights after each step; unsloth: the vLLM engine Unsloth starts inside the policy
+    # (train.backend=unsloth), sharing its base weights, fed the adapter only
+    backend: Literal["hf", "vllm", "unsloth"] = "hf"
     group_size: int = Field(8, ge=2)  # G completions per prompt
     prompts_per_step: int = Field(8, ge=1)  # groups in each optimizer step's batch
     max_new_tokens: int = Field(128, ge=1)
@@ -189,6 +192,12 @@ class GrpoCfg(TrainingCfg):
         if self.loss.beta > 0 and (self.loss.kl == "none" or self.ref.kind == "none"):
             raise ValueError("loss.beta > 0 needs a KL estimator (loss.kl) and a reference "
                              "(ref.kind); set loss.beta=0 to train without one")
+        if self.rollout.backend == "unsloth" and (self.train.backend != "unsloth" or
+                                                  self.lora.method not in ("lora", "qlora")):
+            raise ValueError("rollout.backend=unsloth samples through the vLLM engine Unsloth "
+                             "starts with a LoRA policy: it needs train.backend=unsloth and "
+                             f"lora.method lora or qlora (not {self.train.backend}, "
+                             f"{self.lora.method})")
         if self.train.grad_accum != 1:
             raise ValueError("train.grad_accum: a GRPO step trains on all its rollouts, cut into "
                              "micro-batches of train.micro_batch_size; leave grad_accum at 1")

@@ -32,7 +32,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from lmforge.errors import UserError
 from lmforge.generate import check_sampling
 
-Backend = Literal["hf", "vllm"]
+Backend = Literal["hf", "vllm", "unsloth"]
 # transformers 5 renames the cache argument; the old name is the one every version >= 4.45
 # (the supported range) accepts, so it stays, without a warning per sampled token
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
@@ -271,9 +271,14 @@ def make_engine(backend: Backend, model: PreTrainedModel, tokenizer: PreTrainedT
                 stop_ids: Sequence[int], pad_id: int,
                 autocast: Callable[[], AbstractContextManager[object]] = nullcontext,
                 vllm_args: dict[str, object] | None = None) -> Engine:
-    """The engine a config names. vllm is an extra (`make vllm`)."""
+    """The engine a config names. vllm is an extra (`make vllm`); unsloth is the vLLM engine
+    that Unsloth started inside `model` (unsloth_engine.py)."""
     if backend == "hf":
         return HfEngine(model, tokenizer, stop_ids, pad_id, autocast)
+    if backend == "unsloth":
+        from lmforge.rl.unsloth_engine import UnslothVllmEngine
+
+        return UnslothVllmEngine(model, tokenizer, stop_ids, pad_id)
     from lmforge.rl.vllm_engine import VllmEngine
 
     return VllmEngine(model, tokenizer, stop_ids, pad_id, **(vllm_args or {}))

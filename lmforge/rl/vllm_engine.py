@@ -162,6 +162,7 @@ class VllmEngine:
     """The `Engine` of rollout.py on a colocated vLLM `LLM` (see the module docstring)."""
 
     name = "vllm"
+    lora_request: Any = None  # every request's adapter (the Unsloth engine sets one; see there)
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  stop_ids: Sequence[int], pad_id: int, *, gpu_memory_utilization: float = 0.3,
@@ -227,7 +228,7 @@ class VllmEngine:
         # their own): the trainer's RNG stream must not depend on it
         with _global_rng_kept():
             outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
-                                     use_tqdm=False)
+                                     use_tqdm=False, lora_request=self.lora_request)
         return self._rollouts(prompts, [o.outputs[0] for o in outs], StopText(self.tokenizer, cfg.stop))
 
     def _rollouts(self, prompts: list[list[int]], outs: list[Any], stop_text: StopText) -> Rollouts:

@@ -43,7 +43,7 @@ from lmforge.tokenizer import load_tokenizer
 from lmforge.train.forgetting import Anchor, GeneralText, fisher_diagonal, merge_rows, perplexity
 from lmforge.train.loop import Task, train
 from lmforge.train.precision import make_precision
-from lmforge.unsloth_backend import check_unsloth, load_unsloth, max_seq_length
+from lmforge.unsloth_backend import check_unsloth, load_unsloth, max_seq_length, vllm_share
 
 SYNTHETIC = "synthetic_code"
 MBPP = "mbpp"  # `mbpp` (the hub's copy) or `mbpp:SOURCE` (a file, directory or hub id)
@@ -74,7 +74,8 @@ def load_sft_model(cfg: SftCfg, tokenizer: PreTrainedTokenizerBase,
                             n_vocab=len(tokenizer), stop_ids=stop_token_ids(tokenizer, fmt),
                             new_token_ids=[tokenizer.convert_tokens_to_ids(t) for t in fmt.special_tokens],
                             pad_id=tokenizer.pad_token_id, seed=cfg.train.seed,
-                            trust_remote_code=cfg.model.trust_remote_code)
+                            trust_remote_code=cfg.model.trust_remote_code,
+                            vllm_share=vllm_share(cfg))
     if method == "qlora":
         model = load_quantized(resolve_model_dir(cfg.model.path), cfg.lora, cfg.model.trust_remote_code)
     else:
