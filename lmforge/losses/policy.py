@@ -1,4 +1,5 @@
-"""Policy-gradient losses for online RL: GRPO's clipped surrogate and its modern variants.
+"""Policy-gradient losses for online RL: GRPO's clipped surrogate and its modern variants, and
+PPO's clipped value loss for a critic.
 
 Pure functions of per-token log-probs (DESIGN rules 1 and 11): tensors in, (scalar loss,
 metrics) out. Every choice is an independent typed field, looked up in a dict:
@@ -393,3 +394,60 @@ def token_entropy(logits: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
     flat = _TokenEntropy.apply(logits.reshape(-1, V), chunk_rows)  # (N,)
     return flat.reshape(logits.shape[:-1])
 
+
+
+# --------------------------------------------------------------------------------- value
+
+
+def value_loss(
+    values: torch.Tensor,  # (B, T) the critic being trained
+    old_values: torch.Tensor,  # (B, T) the critic's values when the rollouts were scored
+    returns: torch.Tensor,  # (B, T) GAE's targets (rl/advantages.py `gae`)
+    loss_mask: torch.Tensor,  # (B, T)
+    *,
+    clip: float | None = 0.2,
+    aggregation: Aggregation = "token_mean",
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """PPO's clipped value loss: aggregate(0.5 * max((V - R)^2, (V_clip - R)^2)) with V_clip =
+    old + clamp(V - old, -clip, clip) (Schulman et al. 2017's baselines; TRL's PPO, OpenRLHF).
+
+    The clip keeps the critic within `clip` of the values the advantages were computed from,
+    as the ratio clip keeps the policy near pi_old: the max takes the pessimistic branch, so a
+    value pulled outside the band towards R earns no gradient. clip None: plain 0.5 (V - R)^2.
+    Metrics: vf_loss, vf_clipfrac (the clipped branch strictly larger, over valid tokens),
+    value/mean, explained_variance (1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better
+    than a constant, negative worse).
+
+    Worked example (clip 0.2): V [1.0, 2.0], old [0.5, 2.0], R [2.0, 1.0]. Token 0: V_clip =
+    0.7, (1 - 2)^2 = 1 < (0.7 - 2)^2 = 1.69, so 1.69 and no gradient (V_clip is clamped);
+    token 1: both 1. Loss 0.5 * (1.69 + 1) / 2 = 0.6725, vf_clipfrac 0.5, dL/dV = [0, 0.5].
+    """
+    if not values.shape == old_values.shape == returns.shape == loss_mask.shape or values.dim() != 2:
+        raise ValueError(f"values, old_values, returns and loss_mask must all be (B, T); got "
+                         f"{tuple(values.shape)}, {tuple(old_values.shape)}, "
+                         f"{tuple(returns.shape)}, {tuple(loss_mask.shape)}")
+    if clip is not None and clip <= 0:
+        raise ValueError(f"clip must be > 0 (or None: no clipping), got {clip}")
+    valid = loss_mask.bool()
+    m = valid.to(values.dtype)
+    n = m.sum().clamp(min=1)
+    v = torch.where(valid, values, 0.0)
+    old, ret = torch.where(valid, old_values.detach(), 0.0), torch.where(valid, returns.detach(), 0.0)
+    plain = (v - ret).square()  # (B, T)
+    per_token, clipped = plain, torch.zeros_like(plain, dtype=torch.bool)
+    if clip is not None:
+        v_clip = old + (v - old).clamp(-clip, clip)
+        far = (v_clip - ret).square()
+        per_token, clipped = torch.maximum(plain, far), far > plain
+    loss = 0.5 * (per_token * token_weights(m, aggregation)).sum()
+    err = torch.where(valid, ret - v.detach(), 0.0)
+
+    def var(x: torch.Tensor) -> torch.Tensor:
+        mean = (x * m).sum() / n
+        return (torch.where(valid, x - mean, 0.0).square()).sum() / n
+
+    r_var = var(ret)
+    metrics = {"vf_loss": float(loss.detach()), "vf_clipfrac": float((clipped & valid).sum() / n),
+               "value/mean": float((v.detach() * m).sum() / n),
+               "explained_variance": float(1 - var(err) / r_var) if r_var > 0 else float("nan")}
+    return loss, metrics

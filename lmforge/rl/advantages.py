@@ -3,6 +3,8 @@
 Group-relative ones (GRPO, Dr. GRPO, RLOO) take one scalar reward per sampled completion, laid
 out group after group: rewards[k * G : (k + 1) * G] are the G completions of prompt k. GAE takes
 per-token rewards and a value model's per-token values. `whiten` normalizes either.
+`kl_shaped_rewards` builds PPO's per-token rewards (a score plus the KL penalty) that GAE takes,
+and `adaptive_kl_coef` steers the penalty's weight towards a target KL.
 """
 
 from __future__ import annotations
@@ -136,3 +138,57 @@ def whiten(
     var = torch.where(m, x - mean, 0.0).square().sum() / (n - 1)
     out = (x - mean) * torch.rsqrt(var + eps)
     return torch.where(m, out if shift_mean else out + mean, 0.0)
+
+
+# ------------------------------------------------------------------- PPO's reward shaping
+
+
+def kl_shaped_rewards(
+    scores: torch.Tensor,  # (B,) one score per completion: a reward model's, or a verifier's
+    logps: torch.Tensor,  # (B, T) the policy that sampled
+    ref_logps: torch.Tensor,  # (B, T) the frozen reference
+    loss_mask: torch.Tensor,  # (B, T)
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classical RLHF's per-token rewards (Ziegler et al. 2019; Ouyang et al. 2022): (rewards,
+    kl), both (B, T), 0 off the mask.
+
+    r_t = -kl_coef * (logp_t - ref_logp_t) on every generated token, plus the completion's score
+    on its last one: the KL penalty is part of the reward (GAE spreads it), where GRPO puts it in
+    the loss. The per-token term is the k1 estimate, whose sum over a completion is an unbiased
+    estimate of the sequence KL (and is what TRL's and OpenRLHF's PPO use); it is negative on
+    tokens the policy likes less than the reference does.
+
+    Worked example: logps [log 0.5, log 0.5], ref [log 0.25, log 0.5], score 1, kl_coef 0.1:
+    kl = [log 2, 0] = [0.6931, 0], rewards [-0.06931, 1.0].
+    """
+    if scores.dim() != 1 or not logps.shape == ref_logps.shape == loss_mask.shape \
+            or logps.size(0) != scores.size(0):
+        raise ValueError(f"scores must be (B,) and logps, ref_logps, loss_mask (B, T); got "
+                         f"{tuple(scores.shape)}, {tuple(logps.shape)}, {tuple(ref_logps.shape)}, "
+                         f"{tuple(loss_mask.shape)}")
+    valid = loss_mask.bool()
+    if not valid.any(-1).all():
+        raise ValueError("every row needs at least one generated token to carry its score")
+    kl = torch.where(valid, logps.detach() - ref_logps.detach(), 0.0)  # (B, T)
+    rewards = -kl_coef * kl
+    # the last valid position of each row: the highest index whose mask is 1
+    idx = torch.arange(valid.size(1), device=valid.device)
+    last = torch.where(valid, idx, -1).amax(-1)  # (B,)
+    rewards[torch.arange(valid.size(0)), last] += scores.detach().to(rewards.dtype)
+    return rewards, kl
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: float, n_steps: int) -> float:
+    """Ziegler et al. 2019's proportional controller: the KL coefficient after a batch whose
+    mean sequence KL was `kl`, steering it towards `target`. The error kl / target - 1 is
+    clipped to +-0.2, so one batch moves the coefficient by at most 0.2 * n_steps / horizon of
+    itself; `n_steps` is the batch's size in the controller's units (TRL: completions).
+
+    Worked example: coef 0.1, kl 12, target 6, horizon 10000, n_steps 512: the error 1 is
+    clipped to 0.2, coef 0.1 * (1 + 0.2 * 512 / 10000) = 0.101024; kl 6 leaves it at 0.1.
+    """
+    if target <= 0 or horizon <= 0:
+        raise ValueError(f"target and horizon must be > 0, got {target} and {horizon}")
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return coef * (1 + error * n_steps / horizon)

@@ -543,3 +543,45 @@ def test_token_entropy_keeps_no_fp32_copy_for_backward() -> None:
     assert torch.allclose(out.double(), _naive_entropy(logits.detach()), rtol=1e-5, atol=1e-6)
     (gr,) = torch.autograd.grad(out.sum(), logits)
     assert gr.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------- value loss
+
+
+def test_value_loss_closed_form_and_gradient() -> None:
+    from lmforge.losses.policy import value_loss
+
+    v = torch.tensor([[1.0, 2.0, 7.0]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[0.5, 2.0, float("nan")]], dtype=torch.float64)  # padding is never read
+    ret = torch.tensor([[2.0, 1.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0]])
+    loss, m = value_loss(v, old, ret, mask, clip=0.2)
+    assert float(loss) == pytest.approx(0.6725, rel=1e-12)
+    assert m["vf_clipfrac"] == 0.5
+    loss.backward()
+    assert v.grad[0].tolist() == pytest.approx([0.0, 0.5, 0.0], rel=1e-12)
+    plain, _ = value_loss(v.detach(), old, ret, mask, clip=None)
+    assert float(plain) == pytest.approx(0.5 * (1 + 1) / 2, rel=1e-12)
+
+
+def test_value_loss_matches_naive_loop_and_explained_variance() -> None:
+    from lmforge.losses.policy import value_loss
+
+    g = torch.Generator().manual_seed(0)
+    v, old, ret = (torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = (torch.rand(4, 6, generator=g) > 0.3).long()
+    mask[:, 0] = 1
+    loss, m = value_loss(v, old, ret, mask, clip=0.3)
+    terms = []
+    for b in range(4):
+        for t in range(6):
+            if mask[b, t]:
+                vc = old[b, t] + max(-0.3, min(0.3, float(v[b, t] - old[b, t])))
+                terms.append(max((v[b, t] - ret[b, t]) ** 2, (vc - ret[b, t]) ** 2))
+    assert float(loss) == pytest.approx(0.5 * float(sum(terms)) / len(terms), rel=1e-12)
+    r, e = ret[mask.bool()], (ret - v)[mask.bool()]
+    assert m["explained_variance"] == pytest.approx(float(1 - e.var(unbiased=False) / r.var(unbiased=False)),
+                                                    rel=1e-12)
+    # a perfect critic explains everything and, unclipped, has zero loss
+    loss, m = value_loss(ret, old, ret, mask, clip=None)
+    assert float(loss) == 0.0 and m["explained_variance"] == 1.0

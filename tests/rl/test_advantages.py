@@ -174,3 +174,51 @@ def test_whiten_gives_mean_zero_unit_variance() -> None:
     assert float(kept.mean()) == pytest.approx(float(x[mask].mean()), **F64)
     with pytest.raises(ValueError, match="at least 2"):
         whiten(x, torch.zeros(4, 6).index_put_((T([0]), T([0])), T(1.0)))
+
+
+# -------------------------------------------------------------------- PPO's reward shaping
+
+
+def test_kl_shaped_rewards_closed_form() -> None:
+    from lmforge.rl.advantages import kl_shaped_rewards
+
+    lp = T([[math.log(0.5), math.log(0.5), 0.0]], dtype=D)
+    ref = T([[math.log(0.25), math.log(0.5), -9.0]], dtype=D)
+    mask = T([[1, 1, 0]])
+    rewards, kl = kl_shaped_rewards(T([1.0], dtype=D), lp, ref, mask, 0.1)
+    assert kl[0].tolist() == pytest.approx([math.log(2), 0.0, 0.0], **F64)
+    # the score lands on the last generated token (index 1), never on padding
+    assert rewards[0].tolist() == pytest.approx([-0.1 * math.log(2), 1.0, 0.0], **F64)
+
+
+def test_kl_shaped_rewards_score_on_each_rows_last_token_and_gae_sums_them() -> None:
+    """With gamma = lam = 1 and zero values, GAE's advantage at a row's first token is the sum
+    of its rewards: score - coef * sum(k1), the KL-regularized return of classical RLHF."""
+    from lmforge.rl.advantages import kl_shaped_rewards
+
+    lp, ref = _rand((3, 5), 1), _rand((3, 5), 2)
+    mask = T([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 0, 1, 1, 0]])  # left pad, gaps, right pad
+    scores = T([0.5, -1.0, 2.0], dtype=D)
+    rewards, kl = kl_shaped_rewards(scores, lp, ref, mask, 0.05)
+    for b, last in enumerate([2, 4, 3]):
+        want = -0.05 * (lp[b] - ref[b]) * mask[b]
+        want[last] += scores[b]
+        assert rewards[b].tolist() == pytest.approx(want.tolist(), **F64)
+    adv, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+    first = [0, 1, 0]
+    want = scores - 0.05 * ((lp - ref) * mask).sum(-1)
+    assert [float(adv[b, f]) for b, f in enumerate(first)] == pytest.approx(want.tolist(), **F64)
+    with pytest.raises(ValueError, match="at least one generated token"):
+        kl_shaped_rewards(scores, lp, ref, mask * T([[1], [1], [0]]), 0.05)
+
+
+def test_adaptive_kl_coef_closed_form() -> None:
+    from lmforge.rl.advantages import adaptive_kl_coef
+
+    assert adaptive_kl_coef(0.1, 12.0, 6.0, 10000, 512) == pytest.approx(0.101024, rel=1e-12)
+    assert adaptive_kl_coef(0.1, 6.0, 6.0, 10000, 512) == 0.1
+    # below target by half: error -0.5 clipped to -0.2; slightly above: unclipped 0.05
+    assert adaptive_kl_coef(0.1, 3.0, 6.0, 1000, 100) == pytest.approx(0.1 * (1 - 0.02), rel=1e-12)
+    assert adaptive_kl_coef(0.1, 6.3, 6.0, 1000, 100) == pytest.approx(0.1 * (1 + 0.005), rel=1e-12)
+    with pytest.raises(ValueError):
+        adaptive_kl_coef(0.1, 1.0, 0.0, 1000, 1)
