@@ -152,3 +152,13 @@ def vllm_share(cfg: Any) -> float | None:
     rollout.gpu_memory_utilization under rollout.backend=unsloth; None for every other run."""
     rollout = getattr(cfg, "rollout", None)
     return rollout.gpu_memory_utilization if getattr(rollout, "backend", None) == "unsloth" else None
+
+
+def training_device(stage: str, train: Any) -> torch.device:
+    """Where a policy-training stage runs, after what each does first: the backend check
+    (before anything loads, so no GPU or no unsloth is one line) and `train.threads`."""
+    if train.backend == "unsloth":
+        check_unsloth(stage)
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -27,7 +27,7 @@ class RolloutCfg(Cfg):
     # merged weights after each step; unsloth: the vLLM engine Unsloth starts inside the policy
     # (train.backend=unsloth), sharing its base weights, fed the adapter only
     backend: Literal["hf", "vllm", "unsloth"] = "hf"
-    group_size: int = Field(8, ge=2)  # G completions per prompt
+    group_size: int = Field(8, ge=1)  # G completions per prompt (GRPO: at least 2)
     prompts_per_step: int = Field(8, ge=1)  # groups in each optimizer step's batch
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(1.0, gt=0)  # the trainer scores with the same temperature
@@ -134,19 +134,17 @@ class GrpoRefCfg(Cfg):
     model: str | None = None  # an explicit reference (HF dir or hub id) instead
 
 
-class GrpoCfg(TrainingCfg):
+class OnlineRlCfg(TrainingCfg):
+    """What every online-RL stage shares: the policy, its prompts, the rollout engine, the
+    reward functions, the reference, the sandbox and the held-out evaluation."""
+
     model: ModelCfg = ModelCfg(preset=None)  # the policy starts from model.path
     optim: OptimCfg = OptimCfg(lr=1e-6, weight_decay=0.0, warmup_steps=0, schedule="constant")
     data: PromptDataCfg = PromptDataCfg()
     lora: LoraCfg = LoraCfg()
     rollout: RolloutCfg = RolloutCfg()
-    loss: PolicyLossCfg = PolicyLossCfg()
-    advantage: AdvantageCfg = AdvantageCfg()
     rewards: list[RewardCfg] = [CodeRewardCfg()]
     mu: int = Field(1, ge=1)  # optimization passes over each batch of rollouts
-    # groups whose rewards are all equal have zero advantage and teach nothing (DAPO): drop
-    # them and sample more prompts, up to this many extra rounds per step (0: keep them)
-    dynamic_sampling_rounds: int = Field(0, ge=0)
     ref: GrpoRefCfg = GrpoRefCfg()
     sandbox: SandboxCfg = SandboxCfg(timeout_s=5.0)
     task: SyntheticTaskCfg = SyntheticTaskCfg()
@@ -180,8 +178,7 @@ class GrpoCfg(TrainingCfg):
             raise ValueError(f"each reward kind at most once, got {kinds}")
         return v
 
-    @model_validator(mode="after")
-    def _consistent(self) -> GrpoCfg:
+    def _check_shared(self) -> None:
         kinds = {r.kind for r in self.rewards}
         code = self.data.train.split(":")[0] in ("synthetic_code", "mbpp")
         if "code" in kinds and not code:
@@ -189,9 +186,6 @@ class GrpoCfg(TrainingCfg):
                              f"{self.data.train}")
         if "answer" in kinds and code:
             raise ValueError("rewards: kind=answer scores GSM8K answers; data.train is code")
-        if self.loss.beta > 0 and (self.loss.kl == "none" or self.ref.kind == "none"):
-            raise ValueError("loss.beta > 0 needs a KL estimator (loss.kl) and a reference "
-                             "(ref.kind); set loss.beta=0 to train without one")
         if self.rollout.backend == "unsloth" and (self.train.backend != "unsloth" or
                                                   self.lora.method not in ("lora", "qlora")):
             raise ValueError("rollout.backend=unsloth samples through the vLLM engine Unsloth "
@@ -199,9 +193,85 @@ class GrpoCfg(TrainingCfg):
                              f"lora.method lora or qlora (not {self.train.backend}, "
                              f"{self.lora.method})")
         if self.train.grad_accum != 1:
-            raise ValueError("train.grad_accum: a GRPO step trains on all its rollouts, cut into "
+            raise ValueError("train.grad_accum: a step trains on all its rollouts, cut into "
                              "micro-batches of train.micro_batch_size; leave grad_accum at 1")
         if self.train.micro_batch_size > self.rollout.group_size * self.rollout.prompts_per_step:
             raise ValueError("train.micro_batch_size is more sequences than a step samples "
                              "(rollout.group_size * rollout.prompts_per_step)")
+
+
+class GrpoCfg(OnlineRlCfg):
+    loss: PolicyLossCfg = PolicyLossCfg()
+    advantage: AdvantageCfg = AdvantageCfg()
+    # groups whose rewards are all equal have zero advantage and teach nothing (DAPO): drop
+    # them and sample more prompts, up to this many extra rounds per step (0: keep them)
+    dynamic_sampling_rounds: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GrpoCfg:
+        self._check_shared()
+        if self.rollout.group_size < 2:
+            raise ValueError("rollout.group_size: GRPO's advantages compare a prompt's "
+                             "completions with each other, so it needs at least 2")
+        if self.loss.beta > 0 and (self.loss.kl == "none" or self.ref.kind == "none"):
+            raise ValueError("loss.beta > 0 needs a KL estimator (loss.kl) and a reference "
+                             "(ref.kind); set loss.beta=0 to train without one")
+        return self
+
+
+# --------------------------------------------------------------------------- PPO
+
+
+class CriticCfg(Cfg):
+    # None: the policy's model.path under a new value head; or an `lmforge rm` final/ dir,
+    # whose trained head is the usual start (InstructGPT initializes the critic from the RM)
+    path: str | None = None
+    lora: LoraCfg = LoraCfg()  # full by default; lora/dora train the body's adapters + the head
+
+
+class PpoLossCfg(Cfg):
+    clip_low: float = Field(0.2, gt=0, lt=1)
+    clip_high: float = Field(0.2, gt=0)
+    value_clip: float | None = Field(0.2, gt=0)  # None: an unclipped value loss
+    vf_coef: float = Field(0.1, ge=0)  # the value loss's weight next to the policy loss (TRL's)
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    entropy_coef: float = Field(0.0, ge=0)
+    is_correction: Literal["auto", "on", "off"] = "auto"  # as GRPO's
+    is_cap: float = Field(2.0, ge=1)
+
+
+class KlRewardCfg(Cfg):
+    """The per-token KL penalty folded into the reward: coef * (logp - ref_logp)."""
+
+    coef: float = Field(0.05, ge=0)  # the starting coefficient (TRL's default)
+    # adaptive (Ziegler et al. 2019): steer the mean sequence KL towards `target` nats;
+    # None: the coefficient stays fixed
+    target: float | None = Field(None, gt=0)
+    horizon: float = Field(10000, gt=0)  # in completions: how slowly the coefficient moves
+
+
+class GaeCfg(Cfg):
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+
+
+class PpoCfg(OnlineRlCfg):
+    # one completion per prompt is PPO's usual draw: the critic, not the group, is the baseline
+    rollout: RolloutCfg = RolloutCfg(group_size=1, prompts_per_step=16)
+    mu: int = Field(4, ge=1)  # PPO epochs over each batch of rollouts (an optimizer step each)
+    critic: CriticCfg = CriticCfg()
+    loss: PpoLossCfg = PpoLossCfg()
+    kl: KlRewardCfg = KlRewardCfg()
+    gae: GaeCfg = GaeCfg()
+    whiten_advantages: bool = True  # over the batch's valid tokens (TRL, OpenRLHF)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PpoCfg:
+        self._check_shared()
+        if self.kl.coef > 0 and self.ref.kind == "none":
+            raise ValueError("kl.coef > 0 needs a reference (ref.kind); set kl.coef=0 to train "
+                             "without the KL penalty")
+        if self.critic.lora.method == "qlora":
+            raise ValueError("critic.lora.method=qlora is not supported (the critic's head "
+                             "trains whole); use full, lora or dora")
         return self

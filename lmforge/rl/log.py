@@ -28,8 +28,9 @@ def dedupe_rounds(path: Path) -> None:
 
 
 def curve(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Reward, pass rate and KL at the start and the end (means of the first and last
-    quarter of the logged rows), so a summary says whether RL moved anything."""
+    """Reward, pass rate and KL (and a critic's loss and explained variance) at the start and
+    the end (means of the first and last quarter of the logged rows), so a summary says
+    whether RL moved anything; a key no row has is left out."""
     if not rows:
         return {}
     q = max(1, len(rows) // 4)
@@ -38,7 +39,8 @@ def curve(rows: list[dict[str, Any]]) -> dict[str, Any]:
         v = [x[key] for x in rs if key in x]
         return round(sum(v) / len(v), 4) if v else None
 
-    keys = ("reward/mean", "pass_rate", "kl", "completion/len", "clip_frac", "entropy")
+    keys = [k for k in ("reward/mean", "pass_rate", "kl", "completion/len", "clip_frac", "entropy",
+                        "vf_loss", "explained_variance") if any(k in x for x in rows)]
     return {"first": {k: mean(rows[:q], k) for k in keys}, "last": {k: mean(rows[-q:], k) for k in keys}}
 
 

@@ -54,7 +54,7 @@ from lmforge.train.reference import (
     data_digest,
     live_reference,
 )
-from lmforge.unsloth_backend import check_unsloth
+from lmforge.unsloth_backend import training_device
 
 PrefCfg = DpoCfg | KtoCfg
 Batches = PairBatches | UnpairedBatches
@@ -200,11 +200,7 @@ def val_metrics(batches: list[dict[str, torch.Tensor]], loss_of: Any) -> dict[st
 def run_preference(cfg: PrefCfg, unpaired: bool,
                    make_task: Any) -> dict[str, Any]:
     """What DPO and KTO share: load, reference, train, measure what was shipped."""
-    if cfg.train.backend == "unsloth":
-        check_unsloth("kto" if unpaired else "dpo")  # before anything loads: no GPU or no unsloth is one line
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    device = training_device("kto" if unpaired else "dpo", cfg.train)
     model, tokenizer, fmt = load_policy(cfg)
     model.to(device)
     train_ex, val_ex, data_stats = load_examples(cfg, tokenizer, unpaired)

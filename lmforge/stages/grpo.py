@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ from lmforge.models import (
     resolve_model_dir,
 )
 from lmforge.rl.advantages import group_advantages, rloo_advantages, whiten
-from lmforge.rl.config import GrpoCfg
+from lmforge.rl.config import GrpoCfg, OnlineRlCfg
 from lmforge.rl.log import ROLLOUTS, curve, dedupe_rounds, time_split
 from lmforge.rl.rewards import Answer, Env, score_rollouts
 from lmforge.rl.rollout import Engine, Rollouts, SamplingCfg, make_engine
@@ -52,7 +53,7 @@ from lmforge.stages.dpo import heldout_pass_at_1, load_policy
 from lmforge.train.loop import Task, train
 from lmforge.train.precision import make_precision
 from lmforge.train.reference import live_reference
-from lmforge.unsloth_backend import check_unsloth
+from lmforge.unsloth_backend import training_device
 
 Batch = dict[str, torch.Tensor]
 ADVANTAGES = {
@@ -64,7 +65,7 @@ ADVANTAGES = {
 # --------------------------------------------------------------------------- prompts
 
 
-def load_items(cfg: GrpoCfg) -> list[Any]:
+def load_items(cfg: OnlineRlCfg) -> list[Any]:
     """Training prompts only: a held-out problem here would inflate every later evaluation."""
     kind, _, source = cfg.data.train.partition(":")
     d = cfg.data
@@ -86,7 +87,7 @@ def load_items(cfg: GrpoCfg) -> list[Any]:
         raise UserError(f"data.train: {cfg.data.train!r} is not synthetic_code, "
                         "mbpp[:PATH|HUB_ID] or gsm8k[:PATH|HUB_ID]")
     if d.split == "test" and kind != "synthetic_code":
-        print("grpo: warning: data.split=test is what evaluations measure; training on it "
+        print("warning: data.split=test is what evaluations measure; training on it "
               "contaminates them")
     if not items:
         raise UserError(f"data.train: no prompts ({cfg.data.train}, split {d.split})")
@@ -120,7 +121,7 @@ class Rounds:
     """Round k's rollouts, rewards, advantages and micro-batches, as a function of
     (seed, k, the policy's weights)."""
 
-    def __init__(self, cfg: GrpoCfg, items: list[Any], prompts: list[list[int]],
+    def __init__(self, cfg: OnlineRlCfg, items: list[Any], prompts: list[list[int]],
                  engine: Engine, env: Env, pad_id: int) -> None:
         self.cfg, self.items, self.prompts, self.engine, self.env = cfg, items, prompts, engine, env
         self.pad_id = pad_id
@@ -143,7 +144,8 @@ class Rounds:
         dropped = refills = 0
         picks = [self.item_at(k * P + j) for j in range(P)]
         refill_rng = random.Random(f"{cfg.train.seed}/{k}/refill")
-        for attempt in range(1 + cfg.dynamic_sampling_rounds):
+        extra = getattr(cfg, "dynamic_sampling_rounds", 0)  # GRPO's; PPO samples once
+        for attempt in range(1 + extra):
             t0 = time.perf_counter()
             seed = np.random.SeedSequence([cfg.train.seed, k, attempt]).generate_state(1)[0]
             g = torch.Generator().manual_seed(int(seed))
@@ -158,11 +160,11 @@ class Rounds:
                           {kk: v[q * G:(q + 1) * G] for kk, v in parts.items()})
                     for q, item in enumerate(picks)]
             for group in last:
-                if cfg.dynamic_sampling_rounds and not group.signal:
+                if extra and not group.signal:
                     dropped += 1
                 else:
                     kept.append(group)
-            if len(kept) >= P or attempt == cfg.dynamic_sampling_rounds:
+            if len(kept) >= P or attempt == extra:
                 break
             refills += 1
             picks = refill_rng.sample(range(len(self.items)), min(P - len(kept), len(self.items)))
@@ -259,6 +261,52 @@ def completion_logps(model: torch.nn.Module, b: Batch, temperature: float,
     return out, ent
 
 
+class Cursor:
+    """Which round an optimizer step trains on, shared by the online-RL stages: round k is
+    made at its first of `mu` steps and kept for the rest; a checkpoint taken between them
+    carries it (with mu = 1 nothing needs carrying), so a resume trains on the same batch.
+    `prepare(round)` runs once on a new round (e.g. the policy's log-probs before pass 1)."""
+
+    def __init__(self, rounds: Rounds, mu: int, prepare: Callable[[Round], None] | None = None) -> None:
+        self.rounds, self.mu, self.prepare = rounds, mu, prepare
+        self.round: Round | None = None
+        self.ready = 0.0
+        self.fresh = True
+
+    def batches(self, step: int) -> list[Batch]:
+        if self.fresh:  # not resumed: nothing an earlier run logged may mix in
+            self.rounds.log_path.unlink(missing_ok=True)
+            self.fresh = False
+        k = step // self.mu
+        if self.round is None or self.round.index != k:
+            self.round = self.rounds.make(k)
+            if self.prepare is not None:
+                self.prepare(self.round)
+        else:
+            self.round.metrics.update({"time/gen_s": 0.0, "time/reward_s": 0.0})
+        self.ready = time.perf_counter()
+        return self.round.batches
+
+    def after_step(self, policy: torch.nn.Module) -> dict[str, float]:
+        """The engine gets the new weights; the step's row gets the round's metrics."""
+        t0 = time.perf_counter()
+        self.rounds.engine.sync(policy)
+        assert self.round is not None
+        return {**self.round.metrics, "time/train_s": t0 - self.ready,
+                "time/sync_s": time.perf_counter() - t0}
+
+    def save(self) -> dict[str, Any]:
+        if self.mu == 1 or self.round is None:
+            return {}
+        return {"index": self.round.index, "batches": self.round.batches,
+                "metrics": self.round.metrics}
+
+    def load(self, st: dict[str, Any]) -> None:
+        self.fresh = False
+        if "index" in st:
+            self.round = Round(st["index"], st["batches"], st["metrics"])
+
+
 def grpo_task(cfg: GrpoCfg, model: PreTrainedModel, rounds: Rounds, ref: Any,
               device: torch.device, autocast: Any) -> Task:
     L = cfg.loss
@@ -266,25 +314,15 @@ def grpo_task(cfg: GrpoCfg, model: PreTrainedModel, rounds: Rounds, ref: Any,
     T = cfg.rollout.temperature
     # Dr. GRPO divides each sequence's token sum by the longest a completion can be
     max_tokens = cfg.rollout.max_new_tokens if L.aggregation == "seq_mean_token_sum_norm" else None
-    state: dict[str, Any] = {"round": None, "ready": 0.0, "fresh": True}
 
-    def batches(step: int) -> list[Batch]:
-        if state["fresh"]:  # not resumed: nothing an earlier run logged may mix in
-            rounds.log_path.unlink(missing_ok=True)
-            state["fresh"] = False
-        k = step // cfg.mu
-        rnd = state["round"]
-        if rnd is None or rnd.index != k:
-            rnd = rounds.make(k)
-            if cfg.mu > 1:  # the ratio's denominator: the policy as it sampled, before pass 1
-                for b in rnd.batches:  # in the step's precision, so pass 1's ratio is 1
-                    with torch.no_grad(), autocast():
-                        b["old_logps"] = completion_logps(model, _on(b, device), T)[0].cpu()
-            state["round"] = rnd
-        else:
-            rnd.metrics.update({"time/gen_s": 0.0, "time/reward_s": 0.0})
-        state["ready"] = time.perf_counter()
-        return rnd.batches
+    def old_logps(rnd: Round) -> None:
+        """The ratio's denominator: the policy as it sampled, before pass 1, in the step's
+        precision, so pass 1's ratio is 1 (with mu = 1 the step's own logps serve)."""
+        for b in rnd.batches:
+            with torch.no_grad(), autocast():
+                b["old_logps"] = completion_logps(model, _on(b, device), T)[0].cpu()
+
+    cursor = Cursor(rounds, cfg.mu, old_logps if cfg.mu > 1 else None)
 
     def step(b: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         b = _on(b, device)
@@ -300,27 +338,11 @@ def grpo_task(cfg: GrpoCfg, model: PreTrainedModel, rounds: Rounds, ref: Any,
             rollout_logps=b["rollout_logps"], is_cap=L.is_cap if is_on else None)
         return loss, m
 
-    def after_step() -> dict[str, float]:
-        t0 = time.perf_counter()
-        rounds.engine.sync(model)
-        return {**state["round"].metrics, "time/train_s": t0 - state["ready"],
-                "time/sync_s": time.perf_counter() - t0}
-
-    def save() -> dict[str, Any]:
-        rnd = state["round"]
-        if cfg.mu == 1 or rnd is None:
-            return {}
-        return {"index": rnd.index, "batches": rnd.batches, "metrics": rnd.metrics}
-
-    def load(st: dict[str, Any]) -> None:
-        state["fresh"] = False
-        if st:
-            state["round"] = Round(st["index"], st["batches"], st["metrics"])
-
     agg = L.aggregation
-    return Task(step=step, batches=batches, weight=lambda b: weight_of(b["completion_mask"], agg),
-                tokens=lambda b: int(b["valid"].sum()), after_step=after_step, state=save,
-                load_state=load)
+    return Task(step=step, batches=cursor.batches,
+                weight=lambda b: weight_of(b["completion_mask"], agg),
+                tokens=lambda b: int(b["valid"].sum()), after_step=lambda: cursor.after_step(model),
+                state=cursor.save, load_state=cursor.load)
 
 
 def _on(b: Batch, device: torch.device) -> Batch:
@@ -330,10 +352,11 @@ def _on(b: Batch, device: torch.device) -> Batch:
 # --------------------------------------------------------------------------- main
 
 
-def reference(cfg: GrpoCfg, model: PreTrainedModel) -> tuple[Any, str]:
-    """The KL term's reference, or none (beta 0 needs none: nothing is computed or held)."""
-    if cfg.loss.beta == 0 or cfg.loss.kl == "none" or cfg.ref.kind == "none":
-        return None, "none (loss.beta = 0)"
+def reference(cfg: OnlineRlCfg, model: PreTrainedModel, needed: bool) -> tuple[Any, str]:
+    """The KL term's reference, or none when it is not `needed` (a KL weight of 0): then
+    nothing is computed or held."""
+    if not needed or cfg.ref.kind == "none":
+        return None, "none (no KL term)"
     explicit = load_model(cfg.ref.model, cfg.model.trust_remote_code) if cfg.ref.model else None
     if explicit is not None:
         explicit.to(next(model.parameters()).device)
@@ -344,15 +367,10 @@ def reference(cfg: GrpoCfg, model: PreTrainedModel) -> tuple[Any, str]:
     return fn, how
 
 
-def main(cfg: GrpoCfg) -> dict[str, Any]:
-    if cfg.train.backend == "unsloth":
-        check_unsloth("grpo")  # before anything loads: no GPU or no unsloth is one line
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    model, tokenizer, fmt = load_policy(cfg)  # type: ignore[arg-type]
-    model.to(device)
-    precision = make_precision(cfg.train.precision, device.type)
+def sampling(cfg: OnlineRlCfg, model: PreTrainedModel, tokenizer: Any, precision: Any
+             ) -> tuple[list[Any], list[list[int]], Engine, Env, int]:
+    """(items, their prompt ids, the rollout engine, the reward environment, the pad id): what
+    a `Rounds` samples and scores with, for any online-RL stage."""
     items = load_items(cfg)
     gen = Generator(model, tokenizer, chat=True)
     room = gen.context - cfg.rollout.max_new_tokens
@@ -363,8 +381,17 @@ def main(cfg: GrpoCfg) -> dict[str, Any]:
     engine = make_engine(cfg.rollout.backend, model, tokenizer, gen.stop_ids, gen.pad,
                          precision.autocast, _vllm_args(cfg))
     limits = sandbox.Limits(timeout_s=cfg.sandbox.timeout_s, memory_mb=cfg.sandbox.memory_mb)
-    rounds = Rounds(cfg, items, prompts, engine, Env(limits, cfg.sandbox.workers), gen.pad)
-    ref, how = reference(cfg, model)
+    return items, prompts, engine, Env(limits, cfg.sandbox.workers), gen.pad
+
+
+def main(cfg: GrpoCfg) -> dict[str, Any]:
+    device = training_device("grpo", cfg.train)
+    model, tokenizer, fmt = load_policy(cfg)  # type: ignore[arg-type]
+    model.to(device)
+    precision = make_precision(cfg.train.precision, device.type)
+    items, prompts, engine, env, pad = sampling(cfg, model, tokenizer, precision)
+    rounds = Rounds(cfg, items, prompts, engine, env, pad)
+    ref, how = reference(cfg, model, cfg.loss.beta != 0 and cfg.loss.kl != "none")
     info = config_summary(model)
     r = cfg.rollout
     L = cfg.loss
@@ -390,7 +417,7 @@ def main(cfg: GrpoCfg) -> dict[str, Any]:
             **heldout_pass_at_1(cfg, fmt, precision, res, device)}  # type: ignore[arg-type]
 
 
-def _vllm_args(cfg: GrpoCfg) -> dict[str, Any]:
+def _vllm_args(cfg: OnlineRlCfg) -> dict[str, Any]:
     r = cfg.rollout
     kv = None if r.vllm_kv_cache_gb is None else int(r.vllm_kv_cache_gb * 2**30)
     return {"gpu_memory_utilization": r.gpu_memory_utilization, "dtype": r.vllm_dtype,

@@ -43,7 +43,7 @@ from lmforge.tokenizer import load_tokenizer
 from lmforge.train.forgetting import Anchor, GeneralText, fisher_diagonal, merge_rows, perplexity
 from lmforge.train.loop import Task, train
 from lmforge.train.precision import make_precision
-from lmforge.unsloth_backend import check_unsloth, load_unsloth, max_seq_length, vllm_share
+from lmforge.unsloth_backend import load_unsloth, max_seq_length, training_device, vllm_share
 
 SYNTHETIC = "synthetic_code"
 MBPP = "mbpp"  # `mbpp` (the hub's copy) or `mbpp:SOURCE` (a file, directory or hub id)
@@ -278,11 +278,7 @@ def forgetting_setup(cfg: SftCfg, model: PreTrainedModel, tokenizer: PreTrainedT
 
 
 def main(cfg: SftCfg) -> dict[str, Any]:
-    if cfg.train.backend == "unsloth":
-        check_unsloth("sft")  # before anything loads: no GPU or no unsloth is one line
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    device = training_device("sft", cfg.train)
     # a model pruned with an unstructured method keeps its zeros (an adapter cannot: refused)
     pruned_rec = masked_record(cfg.model.path, cfg.lora.method)
     tokenizer, fmt, added = load_tokenizer_and_format(cfg)
