@@ -9,6 +9,7 @@ from typing import Any
 from lmforge.config import PipelineCfg
 from lmforge.io import atomic_write_text, read_jsonl
 
+RL_STAGES = ("grpo", "ppo")
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
     if v is None:
@@ -187,7 +188,7 @@ def preference_lines(name: str, s: dict[str, Any]) -> list[str]:
 def compare_pass_lines(summaries: dict[str, dict[str, Any]], stage_of: dict[str, str]) -> list[str]:
     """Held-out greedy pass@1 of every stage that measured it, side by side (same problems)."""
     rows = [(n, s["after"]["pass_at_1"]) for n, s in summaries.items()
-            if stage_of[n] in ("sft", "dpo", "kto", "grpo") and (s.get("after") or {}).get("pass_at_1")]
+            if stage_of[n] in ("sft", "dpo", "kto", *RL_STAGES) and (s.get("after") or {}).get("pass_at_1")]
     if len(rows) < 2:
         return []
     groups = list(rows[0][1]["n_per_group"])
@@ -216,7 +217,7 @@ RL_CURVES = (("reward/mean", "reward (weighted sum)"), ("pass_rate", "pass rate 
 
 
 def plot_rl(rows: list[dict[str, Any]], out: Path) -> bool:
-    """GRPO's reward, pass rate and KL per optimizer step, one panel each."""
+    """An online-RL stage's reward, pass rate and KL per optimizer step, one panel each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,7 +239,8 @@ def plot_rl(rows: list[dict[str, Any]], out: Path) -> bool:
 
 
 def rl_lines(root: Path, name: str, s: dict[str, Any]) -> list[str]:
-    """A GRPO stage: rollouts, the loss's choices, start vs end of the curves, time split."""
+    """An online-RL stage (GRPO, PPO): rollouts, the loss's choices, start vs end of the
+    curves, time split; PPO's memory per model and KL coefficient."""
     ro, t, first, last = s.get("rollouts", {}), s.get("time_per_step_s", {}), \
         s.get("curve", {}).get("first", {}), s.get("curve", {}).get("last", {})
     lines = [f"### {name}",
@@ -246,6 +248,11 @@ def rl_lines(root: Path, name: str, s: dict[str, Any]) -> list[str]:
              f"rollouts per round ({ro.get('backend')} backend), {_fmt(s.get('steps'))} steps "
              f"({s.get('stopped')}) in {_fmt(s.get('train_time_s'), '.0f')}s; {s.get('variant', '')}",
              f"- reference: {s.get('reference')}",
+             *(["- memory (MiB): " + ", ".join(f"{k} {_fmt(v, '.1f')}" for k, v in s["memory_mb"].items())]
+               if s.get("memory_mb") else []),
+             *([f"- KL coefficient {_fmt(s['kl']['coef_start'])} -> {_fmt(s['kl']['coef_end'])}"
+                f" ({'target ' + _fmt(s['kl']['target']) if s['kl'].get('target') else 'fixed'})"]
+               if s.get("kl") else []),
              f"- time per step: generation {_fmt(t.get('gen'), '.2f')}s, reward "
              f"{_fmt(t.get('reward'), '.2f')}s, training {_fmt(t.get('train'), '.2f')}s",
              *run_lines(s), "", "| per step (mean of the first / last quarter) | first | last |",
@@ -386,7 +393,7 @@ def write_report(root: Path, cfg: PipelineCfg, summaries: dict[str, dict[str, An
              "## Stages", "", *stage_table(summaries, stage_of), ""]
     # preference losses are nats per pair, not per token: they would share no axis with the rest
     trained = [n for n in summaries if (root / n / "metrics.jsonl").exists()
-               and stage_of[n] not in ("dpo", "kto", "rm", "grpo")]
+               and stage_of[n] not in ("dpo", "kto", "rm", *RL_STAGES)]
     if trained and plot_losses(root, trained, root / "loss.png"):
         lines += ["## Loss", "", "![loss curves](loss.png)", ""]
     for name, s in summaries.items():
@@ -400,10 +407,13 @@ def write_report(root: Path, cfg: PipelineCfg, summaries: dict[str, dict[str, An
             lines += ["## Preference pairs", "", *pairs_lines(name, s), ""]
         if stage_of[name] in ("dpo", "kto"):
             lines += ["## Preference optimisation", "", *preference_lines(name, s), ""]
-            if "grpo" not in stage_of.values():  # else the RL section shows the comparison
+            if not set(RL_STAGES) & set(stage_of.values()):  # else the RL section compares
                 lines += [*compare_pass_lines(summaries, stage_of), ""]
-        if stage_of[name] == "grpo":
-            lines += ["## Online RL", "", *rl_lines(root, name, s), ""]
+        rl = [n for n in summaries if stage_of[n] in RL_STAGES]
+        if rl and name == rl[0]:  # one section for every online-RL stage, then the comparison
+            lines += ["## Online RL", ""]
+            for n in rl:
+                lines += [*rl_lines(root, n, summaries[n]), ""]
             lines += [*compare_pass_lines(summaries, stage_of), ""]
         if stage_of[name] == "eval":
             lines += ["## Evaluation", "", *eval_lines(name, s), ""]

@@ -110,7 +110,7 @@ def test_stage_configs_resolve_from_any_working_directory(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     pipeline.run_pipeline(ROOT / "configs" / "tiny.yaml")
     assert [s for s, _ in ran] == ["corpus", "tokenizer", "pretrain", "sft", "pairs", "dpo", "grpo",
-                                   "eval", "quantize", "prune", "distill"]
+                                   "ppo", "eval", "quantize", "prune", "distill"]
     assert ran[0][1] == Path("runs/tiny/corpus")
     copy = tmp_path / "elsewhere" / "pipelines"
     copy.mkdir(parents=True)

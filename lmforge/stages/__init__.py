@@ -17,7 +17,7 @@ from lmforge import config as C
 from lmforge.compress.config import DistillCfg, PruneCfg, QuantizeCfg
 from lmforge.errors import UserError
 from lmforge.io import atomic_write_json, ensure_writable_dir, storage_errors
-from lmforge.rl.config import GrpoCfg
+from lmforge.rl.config import GrpoCfg, PpoCfg
 
 STAGES: dict[str, type[C.Cfg]] = {
     "corpus": C.CorpusCfg,
@@ -29,6 +29,7 @@ STAGES: dict[str, type[C.Cfg]] = {
     "dpo": C.DpoCfg,
     "kto": C.KtoCfg,
     "grpo": GrpoCfg,
+    "ppo": PpoCfg,
     "distill": DistillCfg,
     "prune": PruneCfg,
     "quantize": QuantizeCfg,

@@ -70,9 +70,24 @@ def save_checkpoint(
     return final
 
 
+class Composite(torch.nn.Module):
+    """Several models the loop trains as one (PPO's actor and critic): one optimizer over all
+    their parameters, one checkpoint holding each part in a subdirectory of its name, so an
+    exact resume restores them together."""
+
+    def __init__(self, **parts: torch.nn.Module) -> None:
+        super().__init__()
+        for name, part in parts.items():
+            self.add_module(name, part)
+
+    def save_pretrained(self, out: str | Path, **kw: Any) -> None:
+        for name, part in self.named_children():
+            part.save_pretrained(Path(out) / name, **kw)  # type: ignore[operator]
+
+
 def _fsync_dir(path: Path) -> None:
     """Flush the files before the rename that publishes them (a crash must not publish zeros)."""
-    for f in path.iterdir():
+    for f in path.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -112,6 +127,10 @@ def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
 def load_weights(model: PreTrainedModel, ckpt: Path) -> None:
     """Load safetensors shards into `model` in place (the optimizer keeps its param refs).
     Tied weights are saved once, so only keys of tied parameters may be missing."""
+    if isinstance(model, Composite):
+        for name, part in model.named_children():
+            load_weights(part, ckpt / name)  # type: ignore[arg-type]
+        return
     if hasattr(model, "peft_config"):
         _load_adapter(model, ckpt)
         return

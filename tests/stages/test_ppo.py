@@ -1,0 +1,130 @@
+"""The ppo stage on the tiny pipeline's DPO model and the synthetic task: a round's returns and
+advantages against their closed forms, the first step's two losses worked from that round, an
+exact resume in the middle of a multi-epoch round with the adaptive KL coefficient, the memory
+report, and bad settings as one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import load_config
+from lmforge.io import read_jsonl
+from lmforge.rl.config import PpoCfg
+from lmforge.stages import run_stage
+from lmforge.stages.ppo import completion_values, setup
+from tests.conftest import ROOT, run_cli
+from tests.stages.test_grpo import _rows, _same_weights
+
+
+def ppo_cfg(tiny_run: Path, out: Path, *over: str) -> PpoCfg:
+    return load_config(PpoCfg, ROOT / "configs/ppo/tiny.yaml",
+                       [f"model.path={tiny_run / 'dpo'}", f"run.dir={out}", "log.progress=off",
+                        "eval.task=null", *over])
+
+
+def test_pipeline_ppo_outputs(tiny_run: Path) -> None:
+    """The tiny pipeline's ppo stage: its summary, both models written, and its part of the
+    report's online-RL section (memory per model, the KL coefficient, pass@1 next to GRPO's)."""
+    s = json.loads((tiny_run / "ppo" / "summary.json").read_text())
+    assert s["steps"] == 4 and s["rollouts"]["per_step"] == 8 and set(s["memory_mb"]) >= {"actor", "critic"}
+    assert (tiny_run / "ppo" / "final" / "config.json").exists()
+    assert (tiny_run / "ppo" / "critic" / "config.json").exists()
+    row = read_jsonl(tiny_run / "ppo" / "metrics.jsonl")[0]
+    for k in ("pg_loss", "vf_loss", "vf_clipfrac", "explained_variance", "kl/seq", "kl/coef",
+              "reward/score", "reward/shaped", "value/returns", "clip_frac", "time/gen_s"):
+        assert k in row, k
+    report = (tiny_run / "report.md").read_text()
+    assert report.count("## Online RL") == 1 and "### ppo" in report and "### grpo" in report
+    assert "- memory (MiB): actor" in report and "| ppo |" in report
+
+
+CLOSED = ["gae.gamma=1", "gae.lam=1", "whiten_advantages=false", "kl.coef=0.1", "mu=1",
+          "train.max_steps=1"]
+
+
+def test_first_round_and_step_closed_form(tiny_run: Path, tmp_path: Path) -> None:
+    """gamma = lam = 1, no whitening: a token's return is its completion's score minus the KL
+    penalty still to come, and the reference is the starting policy, so in round 0 the KL is
+    0 and every return is the score; the advantage is the return minus the critic's value.
+    Step 1 (actor = sampler, critic = its own old values, no clipping active) then has
+    pg_loss = -mean_t(A_t) and vf_loss = 0.5 mean_t (V_t - R_t)^2 over the round's tokens.
+    fp32 sums of ~200 O(1) terms: 1e-5 bounds the rounding, and a token misaligned between
+    values and returns moves them by far more."""
+    cfg = ppo_cfg(tiny_run, tmp_path / "probe", *CLOSED)
+    cfg.run.dir.mkdir(parents=True)
+    s = setup(cfg)
+    rnd = s.rounds.make(0)
+    scores = [r["reward"] for r in read_jsonl(cfg.run.dir / "rollouts.jsonl")]
+    adv, ret, val, n = [], [], [], 0
+    for b in rnd.batches:
+        m = b["completion_mask"].bool()
+        rows = len(m)
+        with torch.no_grad():
+            v = completion_values(s.critic, b)
+        torch.testing.assert_close(b["old_values"], v, rtol=0, atol=0)  # the critic's own
+        want = torch.tensor(scores[n:n + rows], dtype=torch.float32)[:, None].expand_as(m)
+        torch.testing.assert_close(b["returns"][m], want[m], rtol=0, atol=1e-6)
+        torch.testing.assert_close(b["advantages"][m], (b["returns"] - b["old_values"])[m],
+                                   rtol=0, atol=1e-6)
+        adv.append(b["advantages"][m])
+        ret.append(b["returns"][m])
+        val.append(b["old_values"][m])
+        n += rows
+    assert rnd.metrics["kl/seq"] == 0.0 and n == len(scores) == 8
+    A, R, V = (torch.cat(x).double() for x in (adv, ret, val))
+    summary = run_stage("ppo", ppo_cfg(tiny_run, tmp_path / "run", *CLOSED))
+    row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert row["ratio/mean"] == 1.0 and row["clip_frac"] == 0.0 and row["vf_clipfrac"] == 0.0
+    assert abs(row["pg_loss"] - float(-A.mean())) < 1e-5
+    assert abs(row["vf_loss"] - float(0.5 * (V - R).square().mean())) < 1e-5
+    assert abs(row["loss"] - (row["pg_loss"] + 0.1 * row["vf_loss"])) < 1e-6  # vf_coef 0.1
+    mem = summary["memory_mb"]
+    assert set(mem) == {"actor", "critic", "reference"} and mem["reference"] == mem["actor"] > 0
+    assert (tmp_path / "run" / "critic" / "config.json").exists()
+
+
+def test_resume_mid_round_with_adaptive_kl_is_exact(tiny_run: Path, tmp_path: Path) -> None:
+    """mu = 2 and an adaptive KL coefficient: the checkpoint after step 1 is in the middle of a
+    round and the coefficient for round 1 was set by round 0's KL. Resumed from it, the run
+    repeats the uninterrupted one's rows and both models' final weights, bit for bit."""
+    over = ["mu=2", "train.max_steps=4", "train.save_every=1", "train.keep_last=4",
+            "optim.lr=1e-3", "kl.target=0.01", "kl.horizon=10"]
+    straight = run_stage("ppo", ppo_cfg(tiny_run, tmp_path / "straight", *over))
+    assert straight["kl"]["coef_end"] != 0.05  # the controller moved it
+    ckpt = tmp_path / "straight/checkpoints/step-1"
+    assert {p.name for p in ckpt.iterdir()} >= {"actor", "critic"}
+    shutil.copytree(ckpt, tmp_path / "split/checkpoints/step-1")
+    split = run_stage("ppo", ppo_cfg(tiny_run, tmp_path / "split", *over))
+    assert _rows(tmp_path / "split") == _rows(tmp_path / "straight")[1:]
+    assert split["kl"] == straight["kl"]
+    assert _same_weights(tmp_path / "straight/final", tmp_path / "split/final")
+    assert _same_weights(tmp_path / "straight/critic", tmp_path / "split/critic")
+    coefs = [r["kl/coef"] for r in read_jsonl(tmp_path / "straight/metrics.jsonl")]
+    assert coefs[0] == coefs[1] == 0.05 and coefs[2] == coefs[3] != 0.05  # per round
+
+
+@pytest.mark.parametrize("over, needle", [
+    (["kl.coef=0.1", "ref.kind=none"], "kl.coef"),
+    (["critic.lora.method=qlora"], "critic.lora.method"),
+    (["rewards=[{kind: answer}]"], "answer"),
+    (["train.grad_accum=2"], "grad_accum"),
+])
+def test_bad_settings_are_one_line(tiny_run: Path, tmp_path: Path, over: list[str], needle: str) -> None:
+    r = run_cli("ppo", str(ROOT / "configs/ppo/tiny.yaml"), f"model.path={tiny_run / 'dpo'}",
+                f"run.dir={tmp_path / 'bad'}", *over, cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad" / "summary.json").exists()
+
+
+def test_lora_actor_references_its_base_and_holds_no_copy(tiny_run: Path, tmp_path: Path) -> None:
+    s = run_stage("ppo", ppo_cfg(tiny_run, tmp_path / "lora", "lora.method=lora",
+                                 "train.max_steps=1", "mu=1"))
+    assert s["reference"].startswith("the adapter-disabled base") and s["memory_mb"]["reference"] == 0.0
+    cfg = json.loads((tmp_path / "lora" / "final" / "config.json").read_text())
+    assert cfg["architectures"][0].endswith("ForCausalLM")  # final/ is the merged actor
