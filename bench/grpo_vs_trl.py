@@ -115,7 +115,7 @@ def code_items(a: argparse.Namespace) -> list[Any]:
 
 def item_order(a: argparse.Namespace, n: int) -> list[int]:
     """The items lmforge's rounds draw, in order (its Rounds.item_at on the same seed)."""
-    from lmforge.stages.grpo import Rounds
+    from lmforge.rl.rounds import Rounds
 
     fake = SimpleNamespace(items=range(n), cfg=SimpleNamespace(train=SimpleNamespace(seed=0)))
     return [Rounds.item_at(fake, i) for i in range(a.steps * a.prompts)]  # type: ignore[arg-type]

@@ -41,20 +41,20 @@ from lmforge.rl.advantages import adaptive_kl_coef, gae, kl_shaped_rewards, whit
 from lmforge.rl.config import PpoCfg
 from lmforge.rl.log import curve, dedupe_rounds, time_split
 from lmforge.rl.rollout import Rollouts
-from lmforge.stages.dpo import heldout_pass_at_1, load_policy
-from lmforge.stages.grpo import (
+from lmforge.rl.rounds import (
     Batch,
     Cursor,
     Group,
     Round,
     Rounds,
-    _on,
-    _round_metrics,
     completion_logps,
+    on_device,
     reference,
     rollout_batch,
+    round_metrics,
     sampling,
 )
+from lmforge.stages.dpo import heldout_pass_at_1, load_policy
 from lmforge.stages.rm import load_reward_model, reward_parts
 from lmforge.train.checkpoint import Composite
 from lmforge.train.loop import Task, train
@@ -128,7 +128,7 @@ class PpoRounds(Rounds):
         self._log(k, groups, ro, scores, adv[:, 0])
         seq_kl = float(kl.sum(-1).mean())
         # "kl": the mean per-token estimate (k1 here), the quantity GRPO logs under that name
-        metrics = {**_round_metrics(cfg, ro, scores, groups), "kl": float(kl.sum() / ro.mask.sum()),
+        metrics = {**round_metrics(cfg, ro, scores, groups), "kl": float(kl.sum() / ro.mask.sum()),
                    "kl/seq": seq_kl, "kl/coef": self.kl_coef,
                    "reward/score": float(scores.mean()), "reward/shaped": float(rewards.sum(-1).mean()),
                    "value/returns": float((returns * ro.mask).sum() / ro.mask.sum())}
@@ -141,7 +141,7 @@ class PpoRounds(Rounds):
         T = self.cfg.rollout.temperature
         old, ref, val = [], [], []
         for b in batches:
-            d = _on(b, self.device)
+            d = on_device(b, self.device)
             with torch.no_grad(), self.autocast():
                 lp = completion_logps(self.actor, d, T)[0]
                 old.append(lp.cpu())
@@ -161,7 +161,7 @@ def ppo_task(cfg: PpoCfg, models: Composite, rounds: PpoRounds, device: torch.de
     cursor = Cursor(rounds, cfg.mu)  # a round's batches carry pi_old's log-probs already
 
     def step(b: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        b = _on(b, device)
+        b = on_device(b, device)
         mask = b["completion_mask"]
         logps, ent = completion_logps(models.actor, b, T, entropy=L.entropy_coef > 0)
         pg, m = policy_loss(

@@ -118,7 +118,7 @@ def test_trainer_logps_equal_the_samplers(tok, arch: str, fast: bool, monkeypatc
     output layer on completion positions only (fast) or on all of them (any architecture)
     give the engine's log-probs; the same fp32 bound as above."""
     from lmforge import models
-    from lmforge.stages.grpo import completion_logps, rollout_batch
+    from lmforge.rl.rounds import completion_logps, rollout_batch
 
     if not fast:
         monkeypatch.setattr(models, "PLAIN_HEAD", frozenset())
