@@ -20,7 +20,7 @@ from lmforge.errors import Interrupted, Terminated, TrainingError, UserError
 from lmforge.io import storage_error
 from lmforge.stages import STAGES
 
-SYNTH = {"pairs": "pairs"}  # `lmforge synth KIND` -> the stage that makes it
+SYNTH = {"pairs": "pairs", "best-of-n": "best_of_n"}  # `lmforge synth KIND` -> its stage
 BENCH = {"quantize": "quantize"}  # `lmforge bench KIND CHECKPOINT` -> the stage that measures it
 
 
@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--preview", type=int, default=0, metavar="N",
                            help="print N rendered training examples, loss tokens in [[...]], and exit")
     y = sub.add_parser("synth", help="make training data with a model: `synth pairs` (preference "
-                       "pairs judged by running the answers' tests)")
+                       "pairs judged by running the answers' tests), `synth best-of-n` (the best "
+                       "of n answers as SFT data, and best-of-k pass@1)")
     y.add_argument("kind", choices=sorted(SYNTH), help="what to make")
     y.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.path=value")
     b = sub.add_parser("bench", help="measure a checkpoint side by side: `bench quantize CKPT` "

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from lmforge.errors import UserError
 
@@ -444,10 +452,10 @@ class RmCfg(TrainingCfg):
     length_normalize: bool = False
 
 
-class PairsCfg(Cfg):
-    """`lmforge synth pairs`: sample n answers per problem, judge them, pair good with bad."""
+class AnswerSamplingCfg(Cfg):
+    """What the `synth` stages that judge a policy's own answers share: the policy, the code
+    problems, n answers each and how they are sampled, the sandbox that runs them."""
 
-    run: RunCfg = RunCfg(dir=Path("runs/pairs"))
     model: ModelCfg = ModelCfg(preset=None)  # the policy that answers (model.path)
     task: Literal["synthetic_code", "mbpp"] = "synthetic_code"
     source: str | None = None  # mbpp: a file, directory or hub id (default: the hub's)
@@ -459,16 +467,48 @@ class PairsCfg(Cfg):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(160, ge=1)
     batch_size: int = Field(64, ge=1)
+    signature_prefill: bool = True  # synthetic_code answers start at `def name(arg):`
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    sandbox: SandboxCfg = SandboxCfg()
+    seed: int = 0
+
+
+class PairsCfg(AnswerSamplingCfg):
+    """`lmforge synth pairs`: sample n answers per problem, judge them, pair good with bad."""
+
+    run: RunCfg = RunCfg(dir=Path("runs/pairs"))
     pairs_per_problem: int = Field(2, ge=1)
     # execution: passing answers chosen over failing ones, the reference solution chosen when
     # none passes; reward_model: best against worst of n by `reward_model`'s score
     judge: Literal["execution", "reward_model"] = "execution"
     reward_model: str | None = None  # an `lmforge rm` final/ dir
     reference_when_none_pass: bool = True
-    signature_prefill: bool = True  # synthetic_code answers start at `def name(arg):`
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    sandbox: SandboxCfg = SandboxCfg()
-    seed: int = 0
+
+
+class BestOfNCfg(AnswerSamplingCfg):
+    """`lmforge synth best-of-n` (rejection sampling): n answers per problem, the best kept as
+    SFT data; and best-of-k pass@1 for each k, the baseline an RL run has to beat."""
+
+    run: RunCfg = RunCfg(dir=Path("runs/best-of-n"))
+    # tests: the sandbox's verdict picks (a passing answer, the first); reward_model: the
+    # highest score of `reward_model`, whose pick the tests then check
+    select: Literal["tests", "reward_model"] = "tests"
+    reward_model: str | None = None  # an `lmforge rm` final/ dir
+    # which problems give a row: passing (the pick passed its tests) or best (the pick,
+    # verified or not: what a reward model alone would keep)
+    keep: Literal["passing", "best"] = "passing"
+    ks: list[int] = [1, 2, 4, 8]  # best-of-k pass@1 reported for each (k <= n)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BestOfNCfg:
+        if self.select == "reward_model" and not self.reward_model:
+            raise ValueError("select=reward_model needs reward_model (an `lmforge rm` run's final/ dir)")
+        if self.select == "tests" and self.keep == "best":
+            raise ValueError("keep=best keeps unverified picks, which only select=reward_model "
+                             "makes; with select=tests use keep=passing")
+        if not self.ks or min(self.ks) < 1 or max(self.ks) > self.n:
+            raise ValueError(f"ks: each k must be between 1 and n={self.n}, got {self.ks}")
+        return self
 
 
 class ReportCfg(Cfg):

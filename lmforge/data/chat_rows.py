@@ -257,11 +257,16 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
                     "(expected .jsonl or .json)")
 
 
+# what `lmforge synth best-of-n` writes into its run dir (next to samples and a summary)
+SYNTH_ROWS = "sft.jsonl"
+
 def iter_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, Any]]:
     """Every (location, row) of a file, a directory or a hub dataset, in a fixed order."""
     path = Path(source)
     if path.is_file():
         yield from _iter_file(path)
+    elif (path / SYNTH_ROWS).is_file():  # an `lmforge synth` run dir: only its SFT rows
+        yield from _iter_file(path / SYNTH_ROWS)
     elif path.is_dir():
         for file in list_files(SourceCfg(path=path), [".jsonl", ".json"]):
             yield from _iter_file(file)

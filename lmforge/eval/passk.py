@@ -7,6 +7,7 @@ the huge binomials: C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,3 +37,26 @@ def mean_pass_at_k(counts: Sequence[tuple[int, int]], ks: Sequence[int]) -> dict
     if not counts:
         return {f"pass@{k}": 0.0 for k in ks}
     return {f"pass@{k}": float(np.mean([pass_at_k(n, c, k) for n, c in counts])) for k in ks}
+
+
+def best_of_k(scores: Sequence[float], passed: Sequence[bool], k: int) -> float:
+    """The chance that the highest-scoring of k answers drawn without replacement from the n
+    passes: the best-of-k (rejection sampling) pass@1 of a selector that scores answers.
+
+    Rank the n answers by score (ties: the earlier answer first); answer i at rank p_i (0 is
+    the best) is the pick of a k-subset exactly when the other k - 1 come from the n - 1 - p_i
+    ranked below it, so P = sum over passing i of C(n - 1 - p_i, k - 1) / C(n, k). With the
+    tests as the score (1 pass, 0 fail) this is pass@k; with a reward model it is how often
+    its pick passes, unbiased over subsets, without drawing any.
+
+    Worked example: scores [0.9, 0.5, 0.7, 0.1], passed [F, T, T, F], k = 2: ranks 0, 2, 1, 3;
+    the passing answers give C(1, 1) + C(2, 1) = 3 of C(4, 2) = 6 subsets: 0.5 (enumerating
+    the six pairs agrees); k = 1 gives the pass rate 0.5, k = 4 gives 0 (answer 0 wins).
+    """
+    n = len(scores)
+    if len(passed) != n:
+        raise ValueError(f"{n} scores but {len(passed)} pass flags")
+    check_k(k, n)
+    order = sorted(range(n), key=lambda i: (-scores[i], i))
+    total = math.comb(n, k)
+    return sum(math.comb(n - 1 - p, k - 1) for p, i in enumerate(order) if passed[i]) / total

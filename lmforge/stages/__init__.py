@@ -25,6 +25,7 @@ STAGES: dict[str, type[C.Cfg]] = {
     "pretrain": C.PretrainCfg,
     "sft": C.SftCfg,
     "pairs": C.PairsCfg,  # also `lmforge synth pairs`
+    "best_of_n": C.BestOfNCfg,  # also `lmforge synth best-of-n`
     "rm": C.RmCfg,
     "dpo": C.DpoCfg,
     "kto": C.KtoCfg,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import PairsCfg
+from lmforge.config import AnswerSamplingCfg, PairsCfg
 from lmforge.errors import UserError
 from lmforge.eval.harness import Generator, answer_items, score_code
 from lmforge.io import atomic_file
@@ -139,24 +139,25 @@ def make_pairs(cfg: PairsCfg, items: Sequence[CodeItem],
 # --------------------------------------------------------------------------- the phases
 
 
-def check(cfg: PairsCfg) -> None:
+def check(cfg: AnswerSamplingCfg, judged_by_rm: bool) -> None:
     """What can be wrong with the settings, said before problems or a model are loaded."""
     from lmforge.io import check_local_or_hub
 
     if not cfg.model.path:
         raise UserError("model.path: give the policy that answers (an SFT model's final/, "
                         "e.g. runs/demo/sft/final)")
-    if cfg.judge == "reward_model":
-        if not cfg.reward_model:
-            raise UserError("reward_model: judge=reward_model needs a reward model "
+    if judged_by_rm:
+        rm = getattr(cfg, "reward_model", None)
+        if not rm:
+            raise UserError("reward_model: judging by a reward model needs one "
                             "(an `lmforge rm` run's final/ dir)")
-        check_local_or_hub(cfg.reward_model, "reward_model")
+        check_local_or_hub(rm, "reward_model")
     if cfg.task == "synthetic_code" and cfg.source is not None:
         raise UserError("source: only task=mbpp reads a source; synthetic_code problems are "
                         "generated (see `synthetic`)")
 
 
-def load_problems(cfg: PairsCfg) -> list[CodeItem]:
+def load_problems(cfg: AnswerSamplingCfg, label: str = "pairs") -> list[CodeItem]:
     """Training problems only: pairs are training data, and a held-out problem in them
     would inflate every later evaluation."""
     if cfg.task == "synthetic_code":
@@ -169,15 +170,15 @@ def load_problems(cfg: PairsCfg) -> list[CodeItem]:
         from lmforge.tasks.mbpp import load_mbpp
 
         if cfg.split in ("test", "validation"):
-            print(f"pairs: warning: split={cfg.split} is what evaluations measure; pairs made "
-                  "from it contaminate them (train is MBPP's training split)")
+            print(f"{label}: warning: split={cfg.split} is what evaluations measure; training "
+                  "data made from it contaminates them (train is MBPP's training split)")
         items = load_mbpp(cfg.source, split=cfg.split, n_shot=0, limit=cfg.limit)
     if not items:
         raise UserError(f"task {cfg.task}: no problems (split {cfg.split!r}, limit {cfg.limit})")
     return items
 
 
-def sample_answers(cfg: PairsCfg, items: Sequence[CodeItem]
+def sample_answers(cfg: AnswerSamplingCfg, items: Sequence[CodeItem], label: str = "pairs"
                    ) -> tuple[list[list[str]], dict[str, str], float]:
     """(completions per item, the precision choice, seconds). The policy is loaded here and
     let go on return, so a reward model loaded next does not share memory with it."""
@@ -192,12 +193,12 @@ def sample_answers(cfg: PairsCfg, items: Sequence[CodeItem]
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"model.path: {path} has no chat template in its tokenizer files; "
-                        "pairs are chat data: give a model `lmforge sft` trained")
+                        f"{label} makes chat data: give a model `lmforge sft` trained")
     if torch.cuda.is_available():
         model.to("cuda")
     model.eval()
     precision = make_precision(cfg.precision, next(model.parameters()).device.type)
-    print(f"pairs: {precision.choice.line()}")
+    print(f"{label}: {precision.choice.line()}")
     gen = Generator(model, tokenizer, chat=True)
     t0 = time.perf_counter()
     completions = answer_items(gen, items, n=cfg.n, temperature=cfg.temperature,
@@ -206,11 +207,11 @@ def sample_answers(cfg: PairsCfg, items: Sequence[CodeItem]
                                autocast=precision.autocast())
     seconds = time.perf_counter() - t0
     if gen.truncated:
-        print(f"pairs: {gen.truncated} prompts longer than the context lost their start")
+        print(f"{label}: {gen.truncated} prompts longer than the context lost their start")
     return completions, precision.choice.as_dict(), seconds
 
 
-def run_tests(cfg: PairsCfg, items: Sequence[CodeItem], completions: list[list[str]]
+def run_tests(cfg: AnswerSamplingCfg, items: Sequence[CodeItem], completions: list[list[str]]
               ) -> tuple[list[list[Sample]], Isolation | None]:
     """Every answer's program in the sandbox; a pass is the sandbox's word that the program
     ran to its end, tests included (an early exit 0 is not one, see sandbox.py)."""
@@ -222,9 +223,10 @@ def run_tests(cfg: PairsCfg, items: Sequence[CodeItem], completions: list[list[s
     return samples, isolation
 
 
-def score_with_rm(cfg: PairsCfg, items: Sequence[CodeItem],
+def score_with_rm(cfg: PairsCfg | Any, items: Sequence[CodeItem],
                   samples: list[list[Sample]]) -> list[list[Sample]]:
-    """The reward model's score on each distinct (problem, answer): copies score alike."""
+    """The reward model's score (`cfg.reward_model`) on each distinct (problem, answer):
+    copies score alike."""
     from lmforge.rl.rewards import reward_model_scores
 
     keys = list(dict.fromkeys((i, s.text) for i, ss in enumerate(samples) for s in ss))
@@ -310,7 +312,7 @@ def final_line(cfg: PairsCfg, s: dict[str, Any]) -> str:
 
 
 def main(cfg: PairsCfg) -> dict[str, Any]:
-    check(cfg)
+    check(cfg, cfg.judge == "reward_model")
     out = cfg.run.dir
     (out / "pairs.jsonl").unlink(missing_ok=True)  # a rerun's pairs are never the last run's
     items = load_problems(cfg)

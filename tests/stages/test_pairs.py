@@ -255,7 +255,7 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="^model.path: give the policy"):
         stage.main(cfg())
-    with pytest.raises(UserError, match="^reward_model: judge=reward_model needs"):
+    with pytest.raises(UserError, match="^reward_model: judging by a reward model needs"):
         stage.main(cfg("model.path=x", "judge=reward_model"))
     with pytest.raises(UserError, match="dataset path not found: .*nope.jsonl"):
         stage.main(cfg("model.path=x", "task=mbpp", f"source={tmp_path / 'nope.jsonl'}"))
