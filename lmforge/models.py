@@ -440,7 +440,8 @@ def _attach_adapter(model: PreTrainedModel, adapter_dir: Path, base: str | Path)
                         f"{str(e).splitlines()[0][:200]}") from None
 
 
-def export_peft(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase, base: str) -> None:
+def export_peft(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase, base: str,
+                adapters: list[str] | None = None) -> None:
     """final/ of an adapter run, written at once (temp dir, then rename):
     - the merged model: a plain HF directory that loads anywhere, as is;
     - adapter/: the adapter, its tokenizer (template included) and a README with the load;
@@ -449,7 +450,8 @@ def export_peft(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase,
       peft cannot load the adapter on it; adapter_config.json names this one instead."""
     where = out.resolve()  # recorded paths are absolute: clients load them from any directory
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp / "adapter")
+        # `adapters`: which of several to export (PPO's shared critic is not the policy)
+        model.save_pretrained(tmp / "adapter", selected_adapters=adapters)
         save_portable(tokenizer, tmp / "adapter")
         base_model = load_model(base)
         added = add_rows_for_new_tokens(base_model, len(tokenizer))

@@ -227,6 +227,9 @@ class CriticCfg(Cfg):
     # whose trained head is the usual start (InstructGPT initializes the critic from the RM)
     path: str | None = None
     lora: LoraCfg = LoraCfg()  # full by default; lora/dora train the body's adapters + the head
+    # the critic as a second adapter on the actor's frozen base (lora/dora actor and critic):
+    # one transformer in memory instead of two
+    share_base: bool = False
 
 
 class PpoLossCfg(Cfg):
@@ -271,6 +274,11 @@ class PpoCfg(OnlineRlCfg):
         if self.kl.coef > 0 and self.ref.kind == "none":
             raise ValueError("kl.coef > 0 needs a reference (ref.kind); set kl.coef=0 to train "
                              "without the KL penalty")
+        if self.critic.share_base and (self.lora.method not in ("lora", "dora") or
+                                       self.critic.lora.method not in ("lora", "dora")):
+            raise ValueError("critic.share_base puts the critic on the actor's frozen base as a "
+                             "second adapter: lora.method and critic.lora.method must be lora or "
+                             f"dora (got {self.lora.method}, {self.critic.lora.method})")
         if self.critic.lora.method == "qlora":
             raise ValueError("critic.lora.method=qlora is not supported (the critic's head "
                              "trains whole); use full, lora or dora")

@@ -32,13 +32,13 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge.chat import ChatFormat
-from lmforge.config import ModelCfg, RmCfg, TrainCfg
 from lmforge.errors import UserError
 from lmforge.io import read_jsonl
 from lmforge.losses.policy import policy_loss, value_loss, weight_of
 from lmforge.models import config_summary, export_peft, resolve_model_dir, save_hf
 from lmforge.rl.advantages import adaptive_kl_coef, gae, kl_shaped_rewards, whiten
 from lmforge.rl.config import PpoCfg
+from lmforge.rl.critic import SharedCritic, completion_values, load_critic, size_mb
 from lmforge.rl.log import curve, dedupe_rounds, time_split
 from lmforge.rl.rollout import Rollouts
 from lmforge.rl.rounds import (
@@ -55,45 +55,10 @@ from lmforge.rl.rounds import (
     sampling,
 )
 from lmforge.stages.dpo import heldout_pass_at_1, load_policy
-from lmforge.stages.rm import load_reward_model, reward_parts
 from lmforge.train.checkpoint import Composite
 from lmforge.train.loop import Task, train
 from lmforge.train.precision import make_precision
 from lmforge.unsloth_backend import training_device
-
-# --------------------------------------------------------------------------- the critic
-
-
-def load_critic(cfg: PpoCfg, tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat) -> PreTrainedModel:
-    """critic.path (a reward model: its trained head) or the policy's model.path under a new
-    one-output head, as the rm stage builds a reward model (the same loader)."""
-    path = cfg.critic.path or cfg.model.path
-    rm = RmCfg(model=ModelCfg(preset=None, path=path, trust_remote_code=cfg.model.trust_remote_code,
-                              gradient_checkpointing=cfg.model.gradient_checkpointing),
-               lora=cfg.critic.lora, train=TrainCfg(seed=cfg.train.seed))
-    return load_reward_model(rm, tokenizer, fmt)
-
-
-def completion_values(critic: nn.Module, b: Batch) -> torch.Tensor:
-    """(n, L) the critic's V(s_t) for each completion token t, aligned with `completion_mask`:
-    the head on the hidden state of the position that predicts t (the state before it)."""
-    sel = b["seq_ids"] >= 0
-    order = torch.argsort(b["seq_ids"][sel], stable=True)
-    body, head = reward_parts(critic)
-    hidden = body(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                  use_cache=False).last_hidden_state  # (R, T, d)
-    flat = head(hidden[sel][order]).squeeze(-1).float()  # (n_tokens,)
-    mask = b["completion_mask"].bool()
-    return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
-
-
-def size_mb(model: nn.Module | None) -> float:
-    """Parameters and buffers held, in MiB (tied tensors once)."""
-    if model is None:
-        return 0.0
-    seen = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in seen.values()) / 2**20
-
 
 # --------------------------------------------------------------------------- a round
 
@@ -193,7 +158,7 @@ def ppo_task(cfg: PpoCfg, models: Composite, rounds: PpoRounds, device: torch.de
 @dataclass
 class Setup:
     actor: PreTrainedModel
-    critic: PreTrainedModel
+    critic: nn.Module
     tokenizer: PreTrainedTokenizerBase
     fmt: ChatFormat
     rounds: PpoRounds
@@ -207,8 +172,14 @@ def setup(cfg: PpoCfg) -> Setup:
     same to check a round against its closed forms)."""
     device = training_device("ppo", cfg.train)
     actor, tokenizer, fmt = load_policy(cfg)  # type: ignore[arg-type]
-    critic = load_critic(cfg, tokenizer, fmt)
-    if critic.get_input_embeddings().num_embeddings != actor.get_input_embeddings().num_embeddings:
+    critic: nn.Module
+    if cfg.critic.share_base:  # a second adapter on the actor's base, and a head
+        critic = SharedCritic(actor, cfg.critic.lora, cfg.train.seed)
+    else:
+        critic = load_critic(cfg.critic.path or cfg.model.path, cfg.critic.lora, tokenizer, fmt,  # type: ignore[arg-type]
+                             cfg.model, cfg.train.seed)
+    if not cfg.critic.share_base and critic.get_input_embeddings().num_embeddings != \
+            actor.get_input_embeddings().num_embeddings:
         raise UserError(f"critic.path {cfg.critic.path}: its vocabulary differs from the policy's; "
                         "the critic reads the policy's token ids (start both from one model)")
     actor.to(device)
@@ -259,8 +230,11 @@ def main(cfg: PpoCfg) -> dict[str, Any]:
 def _memory(cfg: PpoCfg, actor: nn.Module, critic: nn.Module, how: str) -> dict[str, float]:
     """What each of the four models holds: the reference only when it is a copy, a reward
     model by its weights on disk (the reward function loads it)."""
-    out = {"actor": size_mb(actor), "critic": size_mb(critic),
-           "reference": size_mb(actor) if how.startswith("a frozen copy") else 0.0}
+    actor_mb = size_mb(actor)
+    if isinstance(critic, SharedCritic):  # its adapter lives in the actor's modules: once
+        actor_mb -= size_mb(critic) - critic.head.weight.numel() * critic.head.weight.element_size() / 2**20
+    out = {"actor": actor_mb, "critic": size_mb(critic),
+           "reference": actor_mb if how.startswith("a frozen copy") else 0.0}
     for rw in cfg.rewards:
         if rw.kind == "reward_model":
             d = Path(resolve_model_dir(rw.path))  # type: ignore[union-attr]
@@ -272,15 +246,18 @@ def _exporter(cfg: PpoCfg, actor: PreTrainedModel, tokenizer: PreTrainedTokenize
     """final/ (and best/) hold the actor alone: the model later stages evaluate and serve."""
     if cfg.lora.method != "full":
         base = resolve_model_dir(cfg.model.path)  # type: ignore[arg-type]
-        return lambda out: export_peft(actor, out, tokenizer, base)
+        return lambda out: export_peft(actor, out, tokenizer, base, adapters=["default"])
     return lambda out: save_hf(actor, out, tokenizer)
 
 
 def _save_critic(critic: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    """The trained critic (adapters merged), loadable as a sequence-classification model."""
+    """The trained critic: a sequence-classification model (adapters merged), or a shared
+    critic's adapter and head (its base is the actor's)."""
     from lmforge.stages.rm import export_merged
 
-    if hasattr(critic, "peft_config"):
+    if isinstance(critic, SharedCritic):
+        critic.save_pretrained(out)
+    elif hasattr(critic, "peft_config"):
         export_merged(critic, out, tokenizer)
     else:
         save_hf(critic, out, tokenizer)

@@ -131,6 +131,9 @@ def load_weights(model: PreTrainedModel, ckpt: Path) -> None:
         for name, part in model.named_children():
             load_weights(part, ckpt / name)  # type: ignore[arg-type]
         return
+    if callable(getattr(model, "restore", None)):  # a part that saves itself its own way
+        model.restore(ckpt)
+        return
     if hasattr(model, "peft_config"):
         _load_adapter(model, ckpt)
         return

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmforge.config import load_config
 from lmforge.io import read_jsonl
@@ -47,7 +48,12 @@ CLOSED = ["gae.gamma=1", "gae.lam=1", "whiten_advantages=false", "kl.coef=0.1", 
           "train.max_steps=1"]
 
 
-def test_first_round_and_step_closed_form(tiny_run: Path, tmp_path: Path) -> None:
+SHARED = ["lora.method=lora", "critic.lora.method=lora", "critic.share_base=true"]
+MODES = {"separate": [], "shared": SHARED}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_first_round_and_step_closed_form(tiny_run: Path, tmp_path: Path, mode: str) -> None:
     """gamma = lam = 1, no whitening: a token's return is its completion's score minus the KL
     penalty still to come, and the reference is the starting policy, so in round 0 the KL is
     0 and every return is the score; the advantage is the return minus the critic's value.
@@ -55,7 +61,7 @@ def test_first_round_and_step_closed_form(tiny_run: Path, tmp_path: Path) -> Non
     pg_loss = -mean_t(A_t) and vf_loss = 0.5 mean_t (V_t - R_t)^2 over the round's tokens.
     fp32 sums of ~200 O(1) terms: 1e-5 bounds the rounding, and a token misaligned between
     values and returns moves them by far more."""
-    cfg = ppo_cfg(tiny_run, tmp_path / "probe", *CLOSED)
+    cfg = ppo_cfg(tiny_run, tmp_path / "probe", *CLOSED, *MODES[mode])
     cfg.run.dir.mkdir(parents=True)
     s = setup(cfg)
     rnd = s.rounds.make(0)
@@ -77,23 +83,29 @@ def test_first_round_and_step_closed_form(tiny_run: Path, tmp_path: Path) -> Non
         n += rows
     assert rnd.metrics["kl/seq"] == 0.0 and n == len(scores) == 8
     A, R, V = (torch.cat(x).double() for x in (adv, ret, val))
-    summary = run_stage("ppo", ppo_cfg(tiny_run, tmp_path / "run", *CLOSED))
+    summary = run_stage("ppo", ppo_cfg(tiny_run, tmp_path / "run", *CLOSED, *MODES[mode]))
     row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
     assert row["ratio/mean"] == 1.0 and row["clip_frac"] == 0.0 and row["vf_clipfrac"] == 0.0
     assert abs(row["pg_loss"] - float(-A.mean())) < 1e-5
     assert abs(row["vf_loss"] - float(0.5 * (V - R).square().mean())) < 1e-5
     assert abs(row["loss"] - (row["pg_loss"] + 0.1 * row["vf_loss"])) < 1e-6  # vf_coef 0.1
     mem = summary["memory_mb"]
-    assert set(mem) == {"actor", "critic", "reference"} and mem["reference"] == mem["actor"] > 0
-    assert (tmp_path / "run" / "critic" / "config.json").exists()
+    assert set(mem) == {"actor", "critic", "reference"}
+    if mode == "separate":  # a second transformer, and a frozen copy for the reference
+        assert mem["reference"] == mem["actor"] > 0 and mem["critic"] > 0.9 * mem["actor"]
+        assert (tmp_path / "run" / "critic" / "config.json").exists()
+    else:  # an adapter and a head on the actor's base; the reference is that base
+        assert mem["reference"] == 0 and 0 < mem["critic"] < 0.2 * mem["actor"]
+        assert (tmp_path / "run" / "critic" / "critic_head.safetensors").exists()
 
 
-def test_resume_mid_round_with_adaptive_kl_is_exact(tiny_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", list(MODES))
+def test_resume_mid_round_with_adaptive_kl_is_exact(tiny_run: Path, tmp_path: Path, mode: str) -> None:
     """mu = 2 and an adaptive KL coefficient: the checkpoint after step 1 is in the middle of a
     round and the coefficient for round 1 was set by round 0's KL. Resumed from it, the run
     repeats the uninterrupted one's rows and both models' final weights, bit for bit."""
     over = ["mu=2", "train.max_steps=4", "train.save_every=1", "train.keep_last=4",
-            "optim.lr=1e-3", "kl.target=0.01", "kl.horizon=10"]
+            "optim.lr=1e-3", "kl.target=0.01", "kl.horizon=10", *MODES[mode]]
     straight = run_stage("ppo", ppo_cfg(tiny_run, tmp_path / "straight", *over))
     assert straight["kl"]["coef_end"] != 0.05  # the controller moved it
     ckpt = tmp_path / "straight/checkpoints/step-1"
@@ -103,7 +115,15 @@ def test_resume_mid_round_with_adaptive_kl_is_exact(tiny_run: Path, tmp_path: Pa
     assert _rows(tmp_path / "split") == _rows(tmp_path / "straight")[1:]
     assert split["kl"] == straight["kl"]
     assert _same_weights(tmp_path / "straight/final", tmp_path / "split/final")
-    assert _same_weights(tmp_path / "straight/critic", tmp_path / "split/critic")
+    if mode == "separate":
+        assert _same_weights(tmp_path / "straight/critic", tmp_path / "split/critic")
+    else:
+        a, b = (load_file(str(tmp_path / d / "critic" / "critic_head.safetensors"))
+                for d in ("straight", "split"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # every parameter the optimizer holds got a gradient (a frozen critic would have no state)
+    opt = torch.load(tmp_path / "straight/checkpoints/step-4/trainer_state.pt", weights_only=True)["optimizer"]
+    assert len(opt["state"]) == sum(len(g["params"]) for g in opt["param_groups"])
     coefs = [r["kl/coef"] for r in read_jsonl(tmp_path / "straight/metrics.jsonl")]
     assert coefs[0] == coefs[1] == 0.05 and coefs[2] == coefs[3] != 0.05  # per round
 
@@ -113,6 +133,7 @@ def test_resume_mid_round_with_adaptive_kl_is_exact(tiny_run: Path, tmp_path: Pa
     (["critic.lora.method=qlora"], "critic.lora.method"),
     (["rewards=[{kind: answer}]"], "answer"),
     (["train.grad_accum=2"], "grad_accum"),
+    (["critic.share_base=true"], "critic.share_base"),
 ])
 def test_bad_settings_are_one_line(tiny_run: Path, tmp_path: Path, over: list[str], needle: str) -> None:
     r = run_cli("ppo", str(ROOT / "configs/ppo/tiny.yaml"), f"model.path={tiny_run / 'dpo'}",
@@ -128,3 +149,52 @@ def test_lora_actor_references_its_base_and_holds_no_copy(tiny_run: Path, tmp_pa
     assert s["reference"].startswith("the adapter-disabled base") and s["memory_mb"]["reference"] == 0.0
     cfg = json.loads((tmp_path / "lora" / "final" / "config.json").read_text())
     assert cfg["architectures"][0].endswith("ForCausalLM")  # final/ is the merged actor
+
+
+def test_shared_critic_one_backward_reaches_both_adapters_and_keeps_the_base() -> None:
+    """Actor forward (its adapter), then critic forward (the critic's adapter, switched on for
+    the call), one backward of the sum: both adapters get their gradient, as two separate
+    models would (each adapter's own gradient, from its own term), and the base none.
+    fp64, one small batch: the two routes sum the same products, so 1e-12 relative."""
+    import copy
+
+    from peft import PeftModel
+
+    from lmforge.config import LoraCfg
+    from lmforge.models import apply_lora
+    from lmforge.rl.critic import ADAPTER, SharedCritic, completion_values
+    from tests.conftest import VOCAB, micro_llama
+
+    actor = apply_lora(micro_llama().double(), LoraCfg(method="lora", r=4), [])
+    critic = SharedCritic(actor, LoraCfg(method="lora", r=4), seed=0)
+    critic.head.double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B = 0 at init would leave the A gradients 0: move every adapter
+        for n, p in actor.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=g)
+    b = {"input_ids": ids, "position_ids": torch.arange(6).expand(2, 6),
+         "seq_ids": torch.tensor([[0] * 6, [1] * 6]), "completion_mask": torch.ones(2, 6, dtype=torch.long)}
+
+    def actor_term(m: PeftModel) -> torch.Tensor:
+        return m(input_ids=ids).logits.double().square().mean()
+
+    with torch.no_grad(), actor.disable_adapter():  # the reference, as a round computes it:
+        actor(input_ids=ids)  # peft freezes every adapter there and unfreezes the active one
+    loss = actor_term(actor) + completion_values(critic, b).double().sum()
+    loss.backward()
+    grads = {n: p.grad for n, p in actor.named_parameters() if "lora_" in n}
+    assert {n for n in grads if f".{ADAPTER}." in n} and {n for n in grads if ".default." in n}
+    assert all(g is not None for g in grads.values()) and critic.head.weight.grad is not None
+    assert all(p.requires_grad for n, p in actor.named_parameters() if "lora_" in n)
+    assert not any(p.grad is not None for n, p in actor.named_parameters() if "lora_" not in n)
+    assert actor.active_adapter == "default"  # the critic's call left the actor's on
+    # the reference: each term alone, through a copy (no sharing): the same gradients
+    solo = copy.deepcopy(actor)
+    for p in solo.parameters():
+        p.grad = None
+    actor_term(solo).backward()
+    for n, p in solo.named_parameters():
+        if "lora_" in n and f".{ADAPTER}." not in n:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-12, atol=0)
