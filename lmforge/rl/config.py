@@ -92,10 +92,22 @@ class AnswerRewardCfg(Cfg):
 
 
 class RewardModelCfg(Cfg):
+    """An `lmforge rm` model's score; or an ensemble's (several paths), combined per answer by
+    `combine`: mean, or min (the worst case, which resists over-optimization of any one
+    member: Coste et al. 2023)."""
+
     kind: Literal["reward_model"] = "reward_model"
     weight: float = 1.0
-    path: str  # an `lmforge rm` final/ dir
+    path: str | list[str]  # an `lmforge rm` final/ dir, or several
+    combine: Literal["mean", "min"] = "mean"
     batch_size: int = Field(16, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _some(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one reward model")
+        return v
 
 
 class LengthRewardCfg(Cfg):

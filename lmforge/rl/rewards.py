@@ -83,7 +83,7 @@ def reward_model_scores(model_dir: str | Path, tokenizer_dir: str | Path | None,
     return scores
 
 
-@functools.lru_cache(maxsize=2)  # RL scores every step: load once, not per batch
+@functools.lru_cache(maxsize=8)  # RL scores every step: load once (an ensemble: each member)
 def _load_rm(model_dir: str) -> PreTrainedModel:
     check_local_or_hub(model_dir, "reward model")
     try:
@@ -206,7 +206,18 @@ def answer_reward(cfg: Any, answers: Sequence[Answer], env: Env) -> list[float]:
 def reward_model_reward(cfg: Any, answers: Sequence[Answer], env: Env) -> list[float]:
     prompts: list[list[Message]] = [[{"role": "user", "content": a.item.prompt}] for a in answers]
     texts = [getattr(a.item, "head", "") + a.text for a in answers]
-    return reward_model_scores(cfg.path, None, prompts, texts, cfg.batch_size)
+    paths = [cfg.path] if isinstance(cfg.path, str) else list(cfg.path)
+    members = [reward_model_scores(p, None, prompts, texts, cfg.batch_size) for p in paths]
+    return combine_scores(members, getattr(cfg, "combine", "mean"))
+
+
+def combine_scores(members: Sequence[Sequence[float]], how: str) -> list[float]:
+    """Per answer, the ensemble's mean or min over its members' scores (one member: its own).
+    Worked example: members [1, 4] and [3, 0]: mean [2, 2], min [1, 0]."""
+    if how not in ("mean", "min"):
+        raise ValueError(f"combine must be mean or min, got {how!r}")
+    cols = list(zip(*members))
+    return [min(c) if how == "min" else sum(c) / len(c) for c in cols]
 
 
 def length_reward(cfg: Any, answers: Sequence[Answer], env: Env) -> list[float]:

@@ -73,3 +73,48 @@ def test_config_checks() -> None:
         GrpoCfg(rewards=[AnswerRewardCfg()])
     with pytest.raises(ValueError, match="code prompts"):
         GrpoCfg(data={"train": "gsm8k"}, rewards=[CodeRewardCfg()])
+
+
+def test_combine_scores_worked() -> None:
+    from lmforge.rl.rewards import combine_scores
+
+    assert combine_scores([[1.0, 4.0], [3.0, 0.0]], "mean") == [2.0, 2.0]
+    assert combine_scores([[1.0, 4.0], [3.0, 0.0]], "min") == [1.0, 0.0]
+    assert combine_scores([[1.5, -2.0]], "min") == [1.5, -2.0]  # one member: its own scores
+
+
+def test_reward_model_ensemble_is_its_members_combined(tmp_path) -> None:
+    """Two reward models (random heads, different seeds) as one reward: per answer the mean or
+    the min of what each scores alone, through the same scorer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from lmforge.chat import BUILTINS
+    from lmforge.models import save_hf
+    from lmforge.rl.config import RewardModelCfg
+    from lmforge.rl.rewards import reward_model_reward, reward_model_scores
+    from tests.conftest import BOS_ID, EOS_ID, PAD_ID, make_chat_tokenizer
+
+    dirs = []
+    for seed in (0, 1):
+        tok = make_chat_tokenizer(tmp_path / f"tok{seed}")
+        tok.chat_template = BUILTINS["lmforge"].template
+        conf = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                           max_position_embeddings=256, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                           pad_token_id=PAD_ID, num_labels=1)
+        torch.manual_seed(seed)
+        save_hf(LlamaForSequenceClassification(conf), tmp_path / f"rm{seed}", tok)
+        dirs.append(str(tmp_path / f"rm{seed}"))
+    items = to_code_items(make_splits(0, 4, 1).train[:2], signature_prefill=True)
+    answers = [Answer(it, text, 3) for it in items for text in ("\n    return x", "\n    pass")]
+    env = Env(Limits(timeout_s=5), 1)
+    prompts = [[{"role": "user", "content": a.item.prompt}] for a in answers]
+    texts = [a.item.head + a.text for a in answers]
+    alone = [reward_model_scores(d, None, prompts, texts, 4) for d in dirs]
+    assert alone[0] != alone[1]
+    for how, f in (("mean", lambda a, b: (a + b) / 2), ("min", min)):
+        got = reward_model_reward(RewardModelCfg(path=dirs, combine=how), answers, env)
+        assert got == pytest.approx([f(a, b) for a, b in zip(*alone)], rel=1e-12)
+    with pytest.raises(ValueError, match="at least one"):
+        RewardModelCfg(path=[])
