@@ -92,9 +92,10 @@ class AnswerRewardCfg(Cfg):
 
 
 class RewardModelCfg(Cfg):
-    """An `lmforge rm` model's score; or an ensemble's (several paths), combined per answer by
-    `combine`: mean, or min (the worst case, which resists over-optimization of any one
-    member: Coste et al. 2023)."""
+    """An `lmforge rm` model's score; or an ensemble's (several paths): each member's score
+    standardized by its own training scores (the rm stage's reward_stats.json), then
+    combined per answer by `combine`: mean, or min (the worst case, which resists
+    over-optimization of any one member: Coste et al. 2023)."""
 
     kind: Literal["reward_model"] = "reward_model"
     weight: float = 1.0

@@ -36,6 +36,7 @@ from lmforge.errors import UserError
 from lmforge.io import check_local_or_hub
 
 LENGTH_FILE = "reward_length.json"  # written by the rm stage when trained with length_normalize
+STATS_FILE = "reward_stats.json"  # the rm stage's mean and std of its training completions' scores
 
 
 def reward_model_scores(model_dir: str | Path, tokenizer_dir: str | Path | None,
@@ -208,7 +209,28 @@ def reward_model_reward(cfg: Any, answers: Sequence[Answer], env: Env) -> list[f
     texts = [getattr(a.item, "head", "") + a.text for a in answers]
     paths = [cfg.path] if isinstance(cfg.path, str) else list(cfg.path)
     members = [reward_model_scores(p, None, prompts, texts, cfg.batch_size) for p in paths]
+    if len(paths) > 1:  # members on one scale: each standardized by its own training scores
+        members = [[(x - m) / sd for x in scores]
+                   for scores, (m, sd) in zip(members, map(member_scale, paths))]
     return combine_scores(members, getattr(cfg, "combine", "mean"))
+
+
+@functools.lru_cache(maxsize=8)
+def member_scale(model_dir: str) -> tuple[float, float]:
+    """(mean, std) of an ensemble member's scores on its training completions, written by
+    the rm stage (reward_stats.json); a member without it cannot share a scale: one line."""
+    from lmforge.models import resolve_model_dir
+
+    path = Path(resolve_model_dir(model_dir)) / STATS_FILE
+    try:
+        st = json.loads(path.read_text(encoding="utf-8"))
+        mean, std = float(st["mean"]), float(st["std"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"reward model {model_dir}: no usable {STATS_FILE}, so it cannot join an "
+                        "ensemble (members are standardized by it); retrain it with lmforge rm") from None
+    if not std > 0:
+        raise UserError(f"{path}: std {std} is not > 0; the model scores every completion alike")
+    return mean, std
 
 
 def combine_scores(members: Sequence[Sequence[float]], how: str) -> list[float]:

@@ -50,7 +50,7 @@ from lmforge.models import (
     resolve_model_dir,
     save_hf,
 )
-from lmforge.rl.rewards import LENGTH_FILE
+from lmforge.rl.rewards import LENGTH_FILE, STATS_FILE
 from lmforge.stages.dpo import load_examples, val_metrics
 from lmforge.stages.sft import load_tokenizer_and_format
 from lmforge.train.loop import Task, train
@@ -320,14 +320,21 @@ def measure_final(cfg: RmCfg, final: Path, train_b: RewardBatches, val_b: Reward
     val_r = score_pairs(model, val_b.eval_batches(micro), val_b.n, device, precision)
     val_len = completion_lengths(val_b.examples)
     heldout: dict[str, Any] = {"pairs": val_b.n, **length_bias(val_r, val_len)}
-    if not cfg.length_normalize:
-        return heldout, None
     train_r = score_pairs(model, train_b.eval_batches(micro), train_b.n, device, precision)
-    slope, intercept = fit_length(train_r, completion_lengths(train_b.examples))
-    fit = {"slope": slope, "intercept": intercept, "unit": "completion token"}
-    atomic_write_json(final / LENGTH_FILE, fit)
-    (final / WRITTEN).unlink(missing_ok=True)  # the list is rebuilt with the new file in it
+    fit = None
+    if cfg.length_normalize:
+        slope, intercept = fit_length(train_r, completion_lengths(train_b.examples))
+        fit = {"slope": slope, "intercept": intercept, "unit": "completion token"}
+        atomic_write_json(final / LENGTH_FILE, fit)
+        train_r = train_r - slope * completion_lengths(train_b.examples)  # as RL will score
+    # the reward's scale on its training completions, as scored: what puts the members of
+    # an ensemble on one scale (an offset of the head alone would decide every min)
+    atomic_write_json(final / STATS_FILE, {"mean": float(train_r.mean()),
+                                           "std": float(train_r.std()), "completions": int(train_r.size)})
+    (final / WRITTEN).unlink(missing_ok=True)  # the list is rebuilt with the new files in it
     record_written(final)
+    if fit is None:
+        return heldout, None
     corrected = length_bias(val_r - slope * val_len, val_len)
     heldout["accuracy_corrected"] = corrected["accuracy"]
     heldout["length_corr_corrected"] = corrected["length_corr"]

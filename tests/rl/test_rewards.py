@@ -85,14 +85,19 @@ def test_combine_scores_worked() -> None:
 
 def test_reward_model_ensemble_is_its_members_combined(tmp_path) -> None:
     """Two reward models (random heads, different seeds) as one reward: per answer the mean or
-    the min of what each scores alone, through the same scorer."""
+    the min of what each scores alone, each standardized by its own training scores' mean
+    and std (which a member must have)."""
+    import json
+    from pathlib import Path
+
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from lmforge.chat import BUILTINS
+    from lmforge.errors import UserError
     from lmforge.models import save_hf
     from lmforge.rl.config import RewardModelCfg
-    from lmforge.rl.rewards import reward_model_reward, reward_model_scores
+    from lmforge.rl.rewards import member_scale, reward_model_reward, reward_model_scores
     from tests.conftest import BOS_ID, EOS_ID, PAD_ID, make_chat_tokenizer
 
     dirs = []
@@ -111,10 +116,18 @@ def test_reward_model_ensemble_is_its_members_combined(tmp_path) -> None:
     env = Env(Limits(timeout_s=5), 1)
     prompts = [[{"role": "user", "content": a.item.prompt}] for a in answers]
     texts = [a.item.head + a.text for a in answers]
-    alone = [reward_model_scores(d, None, prompts, texts, 4) for d in dirs]
-    assert alone[0] != alone[1]
+    with pytest.raises(UserError, match="reward_stats.json"):  # no scale, no ensemble
+        reward_model_reward(RewardModelCfg(path=dirs), answers, env)
+    scale = [(0.5, 2.0), (-1.0, 0.25)]  # as the rm stage writes them
+    for d, (m, sd) in zip(dirs, scale):
+        (Path(d) / "reward_stats.json").write_text(json.dumps({"mean": m, "std": sd}))
+    member_scale.cache_clear()
+    alone = [[(x - m) / sd for x in reward_model_scores(d, None, prompts, texts, 4)]
+             for d, (m, sd) in zip(dirs, scale)]
     for how, f in (("mean", lambda a, b: (a + b) / 2), ("min", min)):
         got = reward_model_reward(RewardModelCfg(path=dirs, combine=how), answers, env)
         assert got == pytest.approx([f(a, b) for a, b in zip(*alone)], rel=1e-12)
+    one = reward_model_reward(RewardModelCfg(path=dirs[0]), answers, env)  # alone: raw scores
+    assert one == reward_model_scores(dirs[0], None, prompts, texts, 4)
     with pytest.raises(ValueError, match="at least one"):
         RewardModelCfg(path=[])

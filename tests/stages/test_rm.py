@@ -160,6 +160,8 @@ def test_end_to_end_learns_a_preference_and_reports_length_bias(tmp_path: Path) 
     fit = json.loads((tmp_path / "rm" / "final" / "reward_length.json").read_text())
     assert fit == s["length_fit"] and fit["unit"] == "completion token"
     assert foreign_entries(tmp_path / "rm" / "final") == []  # its file list names the fit too
+    st = json.loads((tmp_path / "rm" / "final" / "reward_stats.json").read_text())
+    assert st["completions"] % 2 == 0 and st["std"] > 0  # chosen + rejected of every pair
     rows = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "accuracy", "rewards/chosen", "rewards/rejected", "margin"} <= rows[0].keys()
     assert abs(rows[0]["loss_step"] - np.log(2)) < 0.05  # the small head: pairs start near a tie
