@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill bench-serve bench-backends clean
+.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill bench-serve bench-backends bench-overopt clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -124,3 +124,8 @@ bench-serve: $(VENV)/.dev
 # by default (bench/backends.py --full for the real recipe); vllm rows need `make vllm`
 bench-backends: $(VENV)/.dev
 	$(BIN)/python bench/backends.py
+
+# reward over-optimization: PPO/GRPO pushed against small proxy reward models, the sandbox's
+# pass rate as the gold score; needs `make demo` (its SFT model and pairs)
+bench-overopt: $(VENV)/.core
+	$(BIN)/python bench/overoptimization.py

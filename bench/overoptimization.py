@@ -63,7 +63,9 @@ def lmforge(args: list[str], log: Path) -> float:
 def train_rms(a: argparse.Namespace, out: Path) -> dict[str, str]:
     """The proxies: three seeds on the same few pairs, and one with its length slope fitted."""
     rms = {}
-    for name, extra in (("rm-s0", []), ("rm-s1", ["train.seed=1"]), ("rm-s2", ["train.seed=2"]),
+    for name, extra in (("rm-s0", ["length_normalize=false"]),
+                        ("rm-s1", ["length_normalize=false", "train.seed=1"]),
+                        ("rm-s2", ["length_normalize=false", "train.seed=2"]),
                         ("rm-len", ["length_normalize=true"])):
         run = out / name
         if not (run / "summary.json").exists():
@@ -82,7 +84,7 @@ def runs(rms: dict[str, str]) -> dict[str, tuple[str, list[str], dict[str, Any]]
     ens = [rms["rm-s0"], rms["rm-s1"], rms["rm-s2"]]
     return {
         "ppo-kl": ("ppo", ["kl.coef=0.05"], proxy([rms["rm-s0"]])),
-        "ppo-nokl": ("ppo", ["kl.coef=0", "ref.kind=none"], proxy([rms["rm-s0"]])),
+        "ppo-nokl": ("ppo", ["kl.coef=0"], proxy([rms["rm-s0"]])),  # KL measured, not penalized
         "ppo-lennorm": ("ppo", ["kl.coef=0.05"], proxy([rms["rm-len"]])),
         "ppo-ens-mean": ("ppo", ["kl.coef=0.05"], proxy(ens, "mean")),
         "ppo-ens-min": ("ppo", ["kl.coef=0.05"], proxy(ens, "min")),
@@ -121,23 +123,34 @@ def curve(run: Path, stage: str) -> list[dict[str, float]]:
     return out
 
 
-def smooth(rows: list[dict[str, float]], key: str, w: int = 5) -> list[float]:
-    """A trailing mean over w steps: one step's 16 rollouts are a noisy pass rate."""
-    v = [r[key] for r in rows]
+def window(rows: list[dict[str, float]]) -> int:
+    """Steps per block: a sixth of the run, at least 5 (one step's 16 rollouts are noisy)."""
+    return max(5, len(rows) // 6)
+
+
+def smooth(rows: list[dict[str, float]], key: str) -> list[float]:
+    """A trailing mean over a block of steps."""
+    v, w = [r[key] for r in rows], window(rows)
     return [sum(v[max(0, i - w + 1): i + 1]) / len(v[max(0, i - w + 1): i + 1]) for i in range(len(v))]
 
 
+def blocks(rows: list[dict[str, float]], key: str) -> list[float]:
+    """Means over consecutive blocks of steps: the first is the start, the last the end."""
+    w = window(rows)
+    return [sum(r[key] for r in rows[i:i + w]) / len(rows[i:i + w]) for i in range(0, len(rows), w)]
+
+
 def table(curves: dict[str, list[dict[str, float]]]) -> str:
-    lines = ["| run | steps | KL end (nats/seq) | proxy start -> end | gold start -> end "
-             "| gold peak (step) | gold end - peak |", "|---|---:|---:|---|---|---:|---:|"]
+    lines = ["| run | steps | KL (nats/seq) first -> last block | proxy first -> last | gold first "
+             "-> last | gold best block (steps) | gold last - best |", "|---|---:|---|---|---|---:|---:|"]
     for name, rows in curves.items():
         if not rows:
             continue
-        p, g = smooth(rows, "proxy"), smooth(rows, "gold")
-        peak = max(range(len(g)), key=g.__getitem__)
-        lines.append(f"| {name} | {len(rows)} | {rows[-1]['kl']:.2f} | {p[0]:.3f} -> {p[-1]:.3f} "
-                     f"| {g[0]:.1%} -> {g[-1]:.1%} | {g[peak]:.1%} ({rows[peak]['step']}) "
-                     f"| {g[-1] - g[peak]:+.1%} |")
+        kl, p, g, w = blocks(rows, "kl"), blocks(rows, "proxy"), blocks(rows, "gold"), window(rows)
+        best = max(range(len(g)), key=g.__getitem__)
+        lines.append(f"| {name} | {len(rows)} | {kl[0]:.2f} -> {kl[-1]:.2f} | {p[0]:.3f} -> "
+                     f"{p[-1]:.3f} | {g[0]:.1%} -> {g[-1]:.1%} | {g[best]:.1%} "
+                     f"({best * w + 1}-{min(len(rows), (best + 1) * w)}) | {g[-1] - g[best]:+.1%} |")
     return "\n".join(lines)
 
 
@@ -149,12 +162,12 @@ def plot(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, rows in curves.items():
-        kl = [r["kl"] for r in rows]
+        kl = smooth(rows, "kl")  # one step's KL is noisy too: the same trailing mean
         axes[0].plot(kl, smooth(rows, "proxy"), label=name)
         axes[1].plot(kl, smooth(rows, "gold"), label=name)
     for ax, title in zip(axes, ("proxy reward (RM score)", "gold (sandbox pass rate)")):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("KL to the reference (nats per completion)")
+        ax.set_xlabel("KL to the reference (nats per completion, trailing block mean)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
@@ -168,10 +181,12 @@ def main() -> None:
     ap.add_argument("--pairs", type=Path, default=ROOT / "runs/demo/pairs")
     ap.add_argument("--rm-pairs", type=int, default=96, help="pairs the proxy RMs train on")
     ap.add_argument("--rm-steps", type=int, default=40)
-    ap.add_argument("--steps", type=int, default=40, help="RL steps per run")
-    ap.add_argument("--lr", type=float, default=3e-4, help="high on purpose: push the proxy")
+    ap.add_argument("--steps", type=int, default=60, help="RL steps per run")
+    ap.add_argument("--lr", type=float, default=1e-4, help="high on purpose: push the proxy")
     ap.add_argument("--runs", help="comma list (default: all)")
     ap.add_argument("--quick", action="store_true", help="4 RL steps, 10 RM steps: plumbing only")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild the table and plot from the runs already in --out")
     ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-overoptimization")
     a = ap.parse_args()
     for p, what in ((a.policy, "the demo's SFT model"), (a.pairs, "the demo's pairs")):
@@ -180,7 +195,7 @@ def main() -> None:
     if a.quick:
         a.steps, a.rm_steps = 4, 10
     a.out.mkdir(parents=True, exist_ok=True)
-    rms = train_rms(a, a.out)
+    rms = train_rms(a, a.out)  # trained ones are reused
     todo = runs(rms)
     names = [n.strip() for n in a.runs.split(",")] if a.runs else list(todo)
     if bad := [n for n in names if n not in todo]:
@@ -188,10 +203,11 @@ def main() -> None:
     curves = {}
     for name in names:
         stage, over, reward = todo[name]
-        curves[name] = curve(run_rl(a, a.out, name, stage, over, reward), stage)
+        run = a.out / name if a.report_only else run_rl(a, a.out, name, stage, over, reward)
+        curves[name] = curve(run, stage)
     head = (f"CPU: {cpu_name()} [{' '.join(cpu_features())}], {os.cpu_count()} cores; policy "
             f"{a.policy}; proxies trained on {a.rm_pairs} pairs ({a.rm_steps} steps); {a.steps} "
-            f"RL steps at lr {a.lr:g}; gold and proxy smoothed over 5 steps")
+            f"RL steps at lr {a.lr:g}; blocks of a sixth of the run (at least 5 steps)")
     text = table(curves)
     plot(curves, a.out / "overoptimization.png")
     (a.out / "report.md").write_text(f"# Reward over-optimization\n\n{head}\n\n{text}\n\n"

@@ -186,7 +186,8 @@ def setup(cfg: PpoCfg) -> Setup:
     critic.to(device)
     precision = make_precision(cfg.train.precision, device.type)
     items, prompts, engine, env, pad = sampling(cfg, actor, tokenizer, precision)
-    ref, how = reference(cfg, actor, cfg.kl.coef > 0)
+    # held unless ref.kind is none: at kl.coef 0 the KL is still measured every round
+    ref, how = reference(cfg, actor, True)
     rounds = PpoRounds(cfg, items, prompts, engine, env, pad, actor=actor, critic=critic,
                        ref=ref, device=device, autocast=precision.autocast)
     return Setup(actor, critic, tokenizer, fmt, rounds, precision, device, how)
