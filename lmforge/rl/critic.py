@@ -14,7 +14,7 @@ Two ways to hold it:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -139,13 +139,15 @@ def completion_values(critic: nn.Module, b: Batch) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
 
 
+def mib(tensors: Iterable[torch.Tensor]) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
 def size_mb(module: nn.Module | None) -> float:
     """Parameters and buffers held, in MiB (tied tensors once); a shared critic: its adapter
     and head only."""
     if module is None:
         return 0.0
     if isinstance(module, SharedCritic):
-        tensors = [*module.adapter_state().values(), module.head.weight]
-    else:
-        tensors = list({id(t): t for t in [*module.parameters(), *module.buffers()]}.values())
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+        return mib([*module.adapter_state().values(), module.head.weight])
+    return mib({id(t): t for t in [*module.parameters(), *module.buffers()]}.values())

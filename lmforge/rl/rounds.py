@@ -30,7 +30,7 @@ from lmforge.losses.lm import token_logps
 from lmforge.losses.policy import token_entropy
 from lmforge.models import body_of, load_model, plain_head
 from lmforge.rl.advantages import group_advantages, rloo_advantages, whiten
-from lmforge.rl.config import GrpoCfg, OnlineRlCfg
+from lmforge.rl.config import OnlineRlCfg
 from lmforge.rl.log import ROLLOUTS
 from lmforge.rl.rewards import Answer, Env, score_rollouts
 from lmforge.rl.rollout import Engine, Rollouts, SamplingCfg, make_engine
@@ -198,7 +198,7 @@ def rollout_batch(ro: Rollouts, adv: torch.Tensor, pad_id: int, seed: int) -> Ba
     return b
 
 
-def round_metrics(cfg: GrpoCfg, ro: Rollouts, rewards: torch.Tensor,
+def round_metrics(cfg: OnlineRlCfg, ro: Rollouts, rewards: torch.Tensor,
                    groups: list[Group]) -> dict[str, float]:
     m = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
          "groups/zero_signal": float(sum(not g.signal for g in groups)),

@@ -31,10 +31,10 @@ from lmforge.data.sft import SftBatches, collate, lm_logits, pack_rows
 from lmforge.errors import UserError
 from lmforge.losses.distill import Head, distill_loss
 from lmforge.models import (
+    adapter_export,
     body_of,
     config_summary,
     enable_checkpointing,
-    export_peft,
     load_model,
     plain_head,
     resolve_model_dir,
@@ -362,9 +362,7 @@ def main(cfg: DistillCfg) -> dict[str, Any]:
                           precision.autocast)
     task = distill_task(cfg, student, teacher, train_b, val_b, vocab, engine, device)
     teacher_row, before = measure_start(cfg, student, teacher, task, tokenizer, fmt, splits, precision)
-    if cfg.lora.method != "full":
-        base = resolve_model_dir(cfg.model.path)  # type: ignore[arg-type]
-        task.export = lambda out: export_peft(student, out, tokenizer, base)
+    task.export = adapter_export(cfg.lora.method, cfg.model.path, student, tokenizer)
     # a student pruned with an unstructured method keeps its zeros (prune, then distill)
     keeper = keep_zeros(task, student, pruned_rec, "distill")
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, student, task, tokenizer)

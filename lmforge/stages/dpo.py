@@ -30,9 +30,9 @@ from lmforge.errors import UserError
 from lmforge.io import read_jsonl
 from lmforge.losses.preference import REFERENCE_FREE, PairLogps, paired_loss
 from lmforge.models import (
+    adapter_export,
     config_summary,
     disable_dropout,
-    export_peft,
     load_model,
     resolve_model_dir,
 )
@@ -218,9 +218,7 @@ def run_preference(cfg: PrefCfg, unpaired: bool,
           f"{len(val_ex):,} val examples, {train_b.epochs(cfg.train.max_steps, cfg.train.micro_batch_size, cfg.train.grad_accum):.2f} "
           f"epochs; reference: {ref.how if ref else 'none (reference-free loss)'}")
     task = make_task(model, train_b, val_b, ref, cfg, device)
-    if cfg.lora.method != "full":
-        base = resolve_model_dir(cfg.model.path)  # type: ignore[arg-type]
-        task.export = lambda out: export_peft(model, out, tokenizer, base)
+    task.export = adapter_export(cfg.lora.method, cfg.model.path, model, tokenizer)
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
     return {**info, "method": cfg.lora.method, "data": data_stats, **res.facts(),
             "reference": None if not needs_ref else cfg.ref.model or "starting policy",

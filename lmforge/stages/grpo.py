@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from lmforge.io import read_jsonl
 from lmforge.losses.policy import policy_loss, weight_of
-from lmforge.models import config_summary, export_peft, resolve_model_dir
+from lmforge.models import adapter_export, config_summary
 from lmforge.rl.config import GrpoCfg
 from lmforge.rl.log import ROLLOUTS, curve, dedupe_rounds, time_split
 from lmforge.rl.rounds import (
@@ -109,9 +109,7 @@ def main(cfg: GrpoCfg) -> dict[str, Any]:
           f"{r.prompts_per_step} x {r.group_size} rollouts per round ({r.backend}); {variant}; "
           f"reference: {how}")
     task = grpo_task(cfg, model, rounds, ref, device, precision.autocast)
-    if cfg.lora.method != "full":
-        base = resolve_model_dir(cfg.model.path)  # type: ignore[arg-type]
-        task.export = lambda out: export_peft(model, out, tokenizer, base)
+    task.export = adapter_export(cfg.lora.method, cfg.model.path, model, tokenizer)
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
     dedupe_rounds(cfg.run.dir / ROLLOUTS)
     rows = [x for x in read_jsonl(cfg.run.dir / "metrics.jsonl") if "reward/mean" in x]

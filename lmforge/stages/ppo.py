@@ -35,10 +35,10 @@ from lmforge.chat import ChatFormat
 from lmforge.errors import UserError
 from lmforge.io import read_jsonl
 from lmforge.losses.policy import policy_loss, value_loss, weight_of
-from lmforge.models import config_summary, export_peft, resolve_model_dir, save_hf
+from lmforge.models import adapter_export, config_summary, resolve_model_dir, save_hf
 from lmforge.rl.advantages import adaptive_kl_coef, gae, kl_shaped_rewards, whiten
 from lmforge.rl.config import PpoCfg
-from lmforge.rl.critic import SharedCritic, completion_values, load_critic, size_mb
+from lmforge.rl.critic import SharedCritic, completion_values, load_critic, mib, size_mb
 from lmforge.rl.log import curve, dedupe_rounds, time_split
 from lmforge.rl.rollout import Rollouts
 from lmforge.rl.rounds import (
@@ -233,7 +233,7 @@ def _memory(cfg: PpoCfg, actor: nn.Module, critic: nn.Module, how: str) -> dict[
     model by its weights on disk (the reward function loads it)."""
     actor_mb = size_mb(actor)
     if isinstance(critic, SharedCritic):  # its adapter lives in the actor's modules: once
-        actor_mb -= size_mb(critic) - critic.head.weight.numel() * critic.head.weight.element_size() / 2**20
+        actor_mb -= mib(critic.adapter_state().values())
     out = {"actor": actor_mb, "critic": size_mb(critic),
            "reference": actor_mb if how.startswith("a frozen copy") else 0.0}
     for rw in cfg.rewards:
@@ -245,11 +245,10 @@ def _memory(cfg: PpoCfg, actor: nn.Module, critic: nn.Module, how: str) -> dict[
 
 
 def _exporter(cfg: PpoCfg, actor: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Any:
-    """final/ (and best/) hold the actor alone: the model later stages evaluate and serve."""
-    if cfg.lora.method != "full":
-        base = resolve_model_dir(cfg.model.path)  # type: ignore[arg-type]
-        return lambda out: export_peft(actor, out, tokenizer, base, adapters=["default"])
-    return lambda out: save_hf(actor, out, tokenizer)
+    """final/ (and best/) hold the actor alone, the model later stages evaluate and serve (the
+    loop's own save would write the actor-critic pair); a shared critic's adapter stays out."""
+    return (adapter_export(cfg.lora.method, cfg.model.path, actor, tokenizer, ["default"])
+            or (lambda out: save_hf(actor, out, tokenizer)))
 
 
 def _save_critic(critic: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase) -> None:

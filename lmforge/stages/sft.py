@@ -30,11 +30,11 @@ from lmforge.errors import UserError
 from lmforge.io import append_jsonl
 from lmforge.losses.lm import causal_lm_loss, token_kl, token_mean
 from lmforge.models import (
+    adapter_export,
     add_rows_for_new_tokens,
     apply_lora,
     build_model,
     config_summary,
-    export_peft,
     load_model,
     load_quantized,
     resolve_model_dir,
@@ -313,9 +313,7 @@ def main(cfg: SftCfg) -> dict[str, Any]:
                                          cfg.eval.before_n)
 
     task = sft_task(model, train_b, val_b, cfg, device, general, tokenizer.pad_token_id, anchor)
-    if cfg.lora.method != "full":
-        base = resolve_model_dir(cfg.model.path)  # type: ignore[arg-type]
-        task.export = lambda out: export_peft(model, out, tokenizer, base)
+    task.export = adapter_export(cfg.lora.method, cfg.model.path, model, tokenizer)
     keeper = keep_zeros(task, model, pruned_rec, "sft")
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
     pruned = keeper.finish(res.final_dir, "sft", res.steps) if keeper is not None else None
