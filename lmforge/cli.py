@@ -20,7 +20,8 @@ from lmforge.errors import Interrupted, Terminated, TrainingError, UserError
 from lmforge.io import storage_error
 from lmforge.stages import STAGES
 
-SYNTH = {"pairs": "pairs", "best-of-n": "best_of_n"}  # `lmforge synth KIND` -> its stage
+SYNTH = {"pairs": "pairs", "best-of-n": "best_of_n", "self-instruct": "self_instruct",
+         "constitutional": "constitutional"}  # `lmforge synth KIND` -> its stage
 BENCH = {"quantize": "quantize"}  # `lmforge bench KIND CHECKPOINT` -> the stage that measures it
 
 
@@ -39,7 +40,10 @@ def _parser() -> argparse.ArgumentParser:
                            help="print N rendered training examples, loss tokens in [[...]], and exit")
     y = sub.add_parser("synth", help="make training data with a model: `synth pairs` (preference "
                        "pairs judged by running the answers' tests), `synth best-of-n` (the best "
-                       "of n answers as SFT data, and best-of-k pass@1)")
+                       "of n answers as SFT data, and best-of-k pass@1), `synth self-instruct` "
+                       "(new tasks and answers grown from seed tasks), `synth constitutional` "
+                       "(responses critiqued and revised against principles: SFT rows and "
+                       "preference pairs)")
     y.add_argument("kind", choices=sorted(SYNTH), help="what to make")
     y.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.path=value")
     b = sub.add_parser("bench", help="measure a checkpoint side by side: `bench quantize CKPT` "

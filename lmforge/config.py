@@ -511,6 +511,98 @@ class BestOfNCfg(AnswerSamplingCfg):
         return self
 
 
+class WriterCfg(Cfg):
+    """A model that writes `synth` data: a local checkpoint, or a model at an OpenAI-compatible
+    endpoint (vLLM, `lmforge serve`, a hosted API)."""
+
+    path: str | None = None  # an HF dir (or a stage dir holding final/), a hub id, or http(s)://
+    name: str | None = None  # the model an endpoint serves (an id its /v1/models lists)
+    api_key_env: str = "OPENAI_API_KEY"  # the variable holding an endpoint's key (unset: none)
+    timeout_s: float = Field(120.0, gt=0)  # per endpoint request
+    workers: int = Field(4, ge=1)  # endpoint requests in flight
+    batch_size: int = Field(16, ge=1)  # local generation batch
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    trust_remote_code: bool = False
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.path) and str(self.path).startswith(("http://", "https://"))
+
+    @model_validator(mode="after")
+    def _endpoint_named(self) -> WriterCfg:
+        if self.remote and not self.name:
+            raise ValueError(f"an endpoint ({self.path}) needs name: the model it serves")
+        return self
+
+
+class GenCfg(Cfg):
+    """How one kind of request is sampled."""
+
+    temperature: float = Field(0.7, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+
+
+# Self-Instruct's filter (Wang et al. 2022): tasks a text-only model cannot do or check
+BLOCKED_WORDS = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
+                 "map", "maps", "draw", "plot", "go to", "video", "audio", "music",
+                 "flowchart", "diagram"]
+
+
+class SelfInstructCfg(Cfg):
+    """`lmforge synth self-instruct`: new tasks and answers from a model, grown from seeds."""
+
+    run: RunCfg = RunCfg(dir=Path("runs/self-instruct"))
+    model: WriterCfg = WriterCfg()
+    seeds: Path | None = None  # SFT rows (messages | prompt/completion | alpaca); None: shipped
+    target: int = Field(64, ge=1)  # new tasks to keep; generation stops there
+    max_requests: int = Field(256, ge=1)  # instruction-writing requests at most
+    requests_per_round: int = Field(16, ge=1)  # one round: this many requests, then answers
+    shots: int = Field(8, ge=1)  # example tasks shown per request
+    machine_shots: int = Field(2, ge=0)  # of them, from the generated pool once it has some
+    instructions: GenCfg = GenCfg(temperature=1.0, max_new_tokens=128)
+    answers: GenCfg = GenCfg(temperature=0.7, max_new_tokens=256)
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(150, ge=1)
+    blocked_words: list[str] = BLOCKED_WORDS
+    rouge_threshold: float = Field(0.7, gt=0, le=1)  # drop at ROUGE-L F1 >= this to any kept
+    # code: an answer's code runs in the sandbox and must run to its end; tests: and it must
+    # hold an assert (its own tests); off: nothing runs
+    execute: Literal["off", "code", "tests"] = "off"
+    require_code: bool = False  # drop answers without code (a code-only dataset)
+    sandbox: SandboxCfg = SandboxCfg(timeout_s=5.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SelfInstructCfg:
+        if self.machine_shots >= self.shots:
+            raise ValueError(f"machine_shots ({self.machine_shots}) must be below shots "
+                             f"({self.shots}): every request shows a seed task")
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) is above max_words ({self.max_words})")
+        return self
+
+
+class ConstitutionalCfg(Cfg):
+    """`lmforge synth constitutional`: responses critiqued and revised against principles
+    (Bai et al. 2022), as SFT rows and preference pairs."""
+
+    run: RunCfg = RunCfg(dir=Path("runs/constitutional"))
+    model: WriterCfg = WriterCfg()  # writes the first responses
+    critic: WriterCfg | None = None  # critiques, revises and judges; None: the model itself
+    constitution: Path | None = None  # principles YAML; None: the shipped one
+    prompts: Path | None = None  # .jsonl with a "prompt" per row; None: the shipped set
+    limit: int | None = Field(None, ge=1)  # prompts (the first ones)
+    revisions: int = Field(2, ge=1)  # critique -> revision rounds per prompt
+    response: GenCfg = GenCfg(temperature=0.7, max_new_tokens=192)
+    critique: GenCfg = GenCfg(temperature=0.7, max_new_tokens=128)
+    revision: GenCfg = GenCfg(temperature=0.7, max_new_tokens=192)
+    # revision: each final revision chosen over the first response; judged: the critic picks
+    # between them under a sampled principle's `choose` question, asked in both orders (RLAIF)
+    preferences: Literal["revision", "judged"] = "revision"
+    seed: int = 0
+
+
 class ReportCfg(Cfg):
     prompts: list[str] = ["def ", "import ", "class "]
     max_new_tokens: int = Field(64, ge=1)

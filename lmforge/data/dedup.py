@@ -183,3 +183,65 @@ def near_dedup(
                         parent[max(ri, rj)] = min(ri, rj)  # the root is the earliest member
     keep = [i for i in range(len(texts)) if _find(parent, i) == i]
     return NearDedupResult(keep, len(texts) - len(keep), bands, rows, len(checked), verified)
+
+
+# --------------------------------------------------------------------------- ROUGE-L pool
+# Self-Instruct's novelty filter: a new instruction is kept only when its ROUGE-L F1 with
+# every instruction already in the pool stays below a threshold (0.7 in the paper). The pool
+# grows one text at a time, so this is a scan, not a batch dedup; the LCS is the dozen lines
+# below (rouge-score, an extra, computes the same numbers: its default tokenizer, no stemmer).
+
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge-score's default tokens: lower case, runs of anything but [a-z0-9] split."""
+    return [t for t in _NON_ALNUM.split(text.lower()) if t]
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Longest common subsequence, one row of the table at a time."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(a: Sequence[str], b: Sequence[str]) -> float:
+    """ROUGE-L F1 of two token lists: P = lcs/|a|, R = lcs/|b|, F1 = 2PR/(P+R) = 2 lcs/(|a|+|b|)."""
+    if not a or not b:
+        return 0.0
+    return 2 * lcs_length(a, b) / (len(a) + len(b))
+
+
+class RougePool:
+    """Texts kept so far, and the nearest one to a candidate by ROUGE-L F1."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self._tokens: list[list[str]] = []
+
+    def add(self, text: str) -> None:
+        self.texts.append(text)
+        self._tokens.append(rouge_tokens(text))
+
+    def nearest(self, text: str, stop_at: float = 1.0) -> tuple[float, int | None]:
+        """(highest F1, index of that text), scanning until a score reaches `stop_at`. Since
+        lcs <= min(|a|, |b|), F1 <= 2 min / (|a| + |b|): texts of very different length are
+        skipped without a table."""
+        cand = rouge_tokens(text)
+        best, where = 0.0, None
+        for i, toks in enumerate(self._tokens):
+            if 2 * min(len(cand), len(toks)) <= best * (len(cand) + len(toks)):
+                continue
+            score = rouge_l(cand, toks)
+            if score > best:
+                best, where = score, i
+                if best >= stop_at:
+                    break
+        return best, where

@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge import sandbox
+from lmforge.endpoint import Choice, Message
 from lmforge.errors import UserError
 from lmforge.eval.passk import mean_pass_at_k, pass_at_k
 from lmforge.generate import cut_at_stop, generate_batch
@@ -59,24 +60,40 @@ class Generator:
         extra = extra if isinstance(extra, list) else [extra]
         return list(dict.fromkeys(i for i in [*ids, *extra] if i is not None))
 
-    def prompt_ids(self, prompt: str, prefill: str = "") -> list[int]:
-        """The tokens the model continues. A prefill is put in the assistant's mouth (chat)
+    def prompt_ids(self, prompt: str | list[Message], prefill: str = "") -> list[int]:
+        """The tokens the model continues. A prompt is one user turn, or (chat models) a whole
+        conversation ending on a user turn. A prefill is put in the assistant's mouth (chat)
         or appended to the prompt unless the prompt already ends with it (HumanEval's)."""
         from lmforge.chat import prompt_ids
 
         tok = self.tokenizer
         if self.chat:
-            ids = prompt_ids(tok, [{"role": "user", "content": prompt}])
+            turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            ids = prompt_ids(tok, turns)
             return ids + (tok(prefill, add_special_tokens=False)["input_ids"] if prefill else [])
+        if not isinstance(prompt, str):
+            raise ValueError("a conversation needs a chat model; render it as text first")
         text = prompt if prompt.endswith(prefill) else prompt + prefill
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return [tok.eos_token_id, *ids] if tok.eos_token_id is not None else list(ids)
 
-    def __call__(self, prompts: Sequence[str], *, prefills: Sequence[str] | None = None,
-                 n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 256, batch_size: int = 16, stop: Sequence[str] = (),
-                 seed: int = 0) -> list[list[str]]:
+    def __call__(self, prompts: Sequence[str | list[Message]], *,
+                 prefills: Sequence[str] | None = None, n: int = 1, temperature: float = 0.0,
+                 top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 16,
+                 stop: Sequence[str] = (), seed: int = 0) -> list[list[str]]:
         """n answers per prompt (the new text only, cut at the first stop string)."""
+        outs = self.replies(prompts, prefills=prefills, n=n, temperature=temperature,
+                            top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            stop=stop, seed=seed)
+        return [[c.text for c in cs] for cs in outs]
+
+    def replies(self, prompts: Sequence[str | list[Message]], *,
+                prefills: Sequence[str] | None = None, n: int = 1, temperature: float = 0.0,
+                top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 16,
+                stop: Sequence[str] = (), seed: int = 0) -> list[list[Choice]]:
+        """As `__call__`, each answer with whether the token limit cut it: it ran the whole
+        `max_new_tokens` without a stop token (one that stopped on its very last token by a
+        stop string counts as cut too; the ids cannot tell them apart)."""
         prefills = prefills or [""] * len(prompts)
         ids = [self.prompt_ids(p, f) for p, f in zip(prompts, prefills) for _ in range(n)]
         room = self.context - max_new_tokens
@@ -95,8 +112,8 @@ class Generator:
                                   batch_size, temperature=temperature, top_p=top_p, stop=stop,
                                   tokenizer=self.tokenizer, seed=seed)
             self.model.train(was_training)
-        texts = [cut_at_stop(self.tokenizer.decode(o, skip_special_tokens=True), tuple(stop))
-                 for o in outs]
+        texts = [Choice(cut_at_stop(self.tokenizer.decode(o, skip_special_tokens=True),
+                                    tuple(stop)), len(o) >= max_new_tokens) for o in outs]
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _engine_sample(self, ids: list[list[int]], temperature: float, top_p: float,

@@ -14,19 +14,13 @@ picked, and whether wins follow answer length, the two biases that most distort 
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
 import re
-import socket
 import statistics
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from lmforge.endpoint import Endpoint, in_threads
 from lmforge.errors import UserError
 
 Judge = Callable[[list[str]], list[str]]
@@ -49,9 +43,10 @@ PAIRWISE_TEMPLATE = (
 )
 
 
-def render_pairwise(question: str, answer_a: str, answer_b: str) -> str:
+def render_pairwise(question: str, answer_a: str, answer_b: str,
+                    template: str = PAIRWISE_TEMPLATE) -> str:
     """The judge prompt with `answer_a` in slot A and `answer_b` in slot B."""
-    return PAIRWISE_TEMPLATE.format(question=question, answer_a=answer_a, answer_b=answer_b)
+    return template.format(question=question, answer_a=answer_a, answer_b=answer_b)
 
 
 # --------------------------------------------------------------------------- parsing verdicts
@@ -125,17 +120,18 @@ def length_bucket(diff: int, longer: int) -> str:
     return "1 longer" if diff > 0 else "1 shorter"
 
 
-def judge_pairs(judge: Judge, items: Sequence[tuple[str, str, str]]
-                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def judge_pairs(judge: Judge, items: Sequence[tuple[str, str, str]],
+                template: str = PAIRWISE_TEMPLATE) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Judge (question, answer_1, answer_2) triples; answer_1 is the system under test,
     answer_2 the baseline. Every pair is asked in both orders (answer_1 in slot A, then
-    answer_2 in slot A), all 2n prompts in one call to `judge`.
+    answer_2 in slot A), all 2n prompts in one call to `judge`. `template` has the fields
+    {question}, {answer_a} and {answer_b} (str.format), and asks for A, B or tie.
 
     Per pair: outcome 'win'/'loss' when both orders pick the same answer, else 'tie' (a
     preference in one order and a tie or an unreadable reply in the other is a tie);
     `consistent` when both orders pick the same answer or both say tie. See `summarize`."""
-    prompts = [p for q, a1, a2 in items for p in (render_pairwise(q, a1, a2),
-                                                  render_pairwise(q, a2, a1))]
+    prompts = [p for q, a1, a2 in items for p in (render_pairwise(q, a1, a2, template),
+                                                  render_pairwise(q, a2, a1, template))]
     replies = judge(prompts) if prompts else []
     if len(replies) != len(prompts):
         raise ValueError(f"judge returned {len(replies)} replies for {len(prompts)} prompts")
@@ -238,103 +234,28 @@ def hf_judge(path: str, *, batch_size: int = 8, max_new_tokens: int = 16) -> HFJ
     return HFJudge(path, batch_size, max_new_tokens)
 
 
-def chat_completions_url(url: str) -> str:
-    """`http://h:p`, `http://h:p/`, `http://h:p/v1` and `http://h:p/v1/chat/completions` all
-    mean `http://h:p/v1/chat/completions`: OpenAI-compatible servers mount the API under /v1,
-    and people paste the base URL with or without it."""
-    base = url.rstrip("/").removesuffix("/chat/completions")
-    return (base if base.endswith("/v1") else base + "/v1") + "/chat/completions"
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 class OpenAIJudge:
     """POSTs each prompt as one user message to an OpenAI-compatible /chat/completions,
     temperature 0, `workers` requests at a time."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60,
                  max_tokens: int = 16, workers: int = 4) -> None:
-        self.url, self.endpoint = url, chat_completions_url(url)
-        self.model, self.timeout, self.max_tokens = model, timeout, max_tokens
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.url, self.model, self.max_tokens = url, model, max_tokens
+        self.endpoint = Endpoint(url, model, api_key=api_key, timeout=timeout,
+                                 what="judge endpoint")
         self.workers = max(1, workers)
 
     def __call__(self, prompts: list[str]) -> list[str]:
-        with ThreadPoolExecutor(self.workers) as pool:
-            futures = [pool.submit(self.ask, p) for p in prompts]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                # one failure (a dead host) would fail them all: do not wait on the rest
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        return in_threads(self.ask, prompts, self.workers)
 
     def ask(self, prompt: str) -> str:
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                "temperature": 0, "max_tokens": self.max_tokens}
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(),
-                                     headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            raise UserError(f"judge endpoint {self.url} answered HTTP {e.code} to POST "
-                            f"{self.endpoint}: {_http_error_text(e)}") from None
-        except OSError as e:  # URLError included: refused, unknown host, timeout, reset
-            raise UserError(f"judge endpoint {self.url} {_network_error_text(e, self.timeout)}"
-                            ) from None
-        except http.client.HTTPException as e:  # not HTTP at all, or cut off mid-reply
-            raise UserError(f"judge endpoint {self.url} sent a broken HTTP response "
-                            f"({type(e).__name__})") from None
-        return self._content(raw)
-
-    def _content(self, raw: bytes) -> str:
-        try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise UserError(f"judge endpoint {self.url} sent a malformed chat completion "
-                            f"({type(e).__name__}): {_one_line(raw.decode('utf-8', 'replace'))}"
-                            ) from None
-        if content is not None and not isinstance(content, str):
-            raise UserError(f"judge endpoint {self.url} sent a malformed chat completion: "
-                            f"message content is {type(content).__name__}, not text")
-        return content or ""  # null content (e.g. a refusal field instead) reads as no verdict
-
-
-def _http_error_text(e: urllib.error.HTTPError) -> str:
-    """The server's own error message when it sent OpenAI's {"error": {"message": ...}}."""
-    try:
-        raw = e.read().decode("utf-8", "replace")
-    except OSError:
-        raw = ""
-    try:
-        err = json.loads(raw)["error"]
-        raw = err["message"] if isinstance(err, dict) else str(err)
-    except (ValueError, KeyError, TypeError):
-        pass
-    return _one_line(raw or str(e.reason))
-
-
-def _network_error_text(e: OSError, timeout: float) -> str:
-    reason = e.reason if isinstance(e, urllib.error.URLError) else e
-    if isinstance(reason, ConnectionRefusedError):
-        return "refused the connection"
-    if isinstance(reason, socket.gaierror):
-        return f"is unreachable: unknown host ({_one_line(str(reason))})"
-    if isinstance(reason, TimeoutError):
-        return f"did not answer within {timeout:g}s"
-    return f"is unreachable: {_one_line(str(reason))}"
+        return self.endpoint.chat([{"role": "user", "content": prompt}], temperature=0,
+                                  max_tokens=self.max_tokens)[0].text
 
 
 def openai_judge(url: str, *, model: str, api_key: str | None = None, timeout: float = 60,
                  max_tokens: int = 16, workers: int = 4) -> OpenAIJudge:
-    """A judge at an OpenAI-compatible endpoint (see `chat_completions_url` for the URL
+    """A judge at an OpenAI-compatible endpoint (see `endpoint.api_base` for the URL
     forms). `api_key` defaults to $OPENAI_API_KEY; no key, no Authorization header (local
     vLLM and `lmforge serve` need none)."""
     return OpenAIJudge(url, model, api_key, timeout, max_tokens, workers)

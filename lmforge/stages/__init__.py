@@ -26,6 +26,8 @@ STAGES: dict[str, type[C.Cfg]] = {
     "sft": C.SftCfg,
     "pairs": C.PairsCfg,  # also `lmforge synth pairs`
     "best_of_n": C.BestOfNCfg,  # also `lmforge synth best-of-n`
+    "self_instruct": C.SelfInstructCfg,  # also `lmforge synth self-instruct`
+    "constitutional": C.ConstitutionalCfg,  # also `lmforge synth constitutional`
     "rm": C.RmCfg,
     "dpo": C.DpoCfg,
     "kto": C.KtoCfg,

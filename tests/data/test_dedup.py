@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 
@@ -193,3 +194,51 @@ def test_jaccard_exact() -> None:
     b = np.array([3, 4, 5], dtype=np.uint64)
     assert jaccard(a, b) == pytest.approx(2 / 5)
     assert jaccard(a, np.empty(0, dtype=np.uint64)) == 0.0
+
+
+# --------------------------------------------------------------------------- ROUGE-L pool
+
+
+def test_rouge_l_worked_by_hand() -> None:
+    from lmforge.data.dedup import lcs_length, rouge_l, rouge_tokens
+
+    a, b = rouge_tokens("The cat sat on the mat."), rouge_tokens("the CAT, on a mat")
+    assert a == ["the", "cat", "sat", "on", "the", "mat"] and b == ["the", "cat", "on", "a", "mat"]
+    assert lcs_length(a, b) == 4  # the cat on mat
+    assert rouge_l(a, b) == 2 * 4 / (6 + 5)  # P 4/6, R 4/5, F1 = 2PR/(P+R)
+    assert rouge_l([], b) == 0.0 and rouge_l(a, a) == 1.0
+
+
+def test_rouge_l_equals_rouge_score() -> None:
+    """The reference implementation (the `metrics` extra), default tokenizer, no stemmer."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    from lmforge.data.dedup import rouge_l, rouge_tokens
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rng = random.Random(0)
+    words = ["a", "list", "Sort", "the", "word's", "x-y", "2", "of", "É", "sum"]
+    for _ in range(300):
+        x = " ".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
+        y = " ".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
+        want = scorer.score(x, y)["rougeL"].fmeasure
+        # both are 2*lcs/(m+n) up to how the division is grouped: a few ulps
+        assert rouge_l(rouge_tokens(x), rouge_tokens(y)) == pytest.approx(want, abs=1e-12)
+
+
+def test_rouge_pool_nearest_equals_a_full_scan() -> None:
+    """The length bound only skips texts that cannot beat the best so far."""
+    from lmforge.data.dedup import RougePool, rouge_l, rouge_tokens
+
+    rng = random.Random(1)
+    words = ["sort", "a", "list", "of", "words", "sum", "the", "numbers", "in", "reverse"]
+    pool = RougePool()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 15))) for _ in range(60)]
+    for t in texts:
+        pool.add(t)
+    for _ in range(100):
+        q = " ".join(rng.choice(words) for _ in range(rng.randint(1, 15)))
+        scores = [rouge_l(rouge_tokens(q), rouge_tokens(t)) for t in texts]
+        best, where = pool.nearest(q)
+        assert best == max(scores) and where == scores.index(max(scores))
+        stop, _ = pool.nearest(q, stop_at=0.5)  # stops at the first text reaching 0.5
+        assert (stop >= 0.5) == (max(scores) >= 0.5)

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 
+from lmforge.endpoint import chat_completions_url
 from lmforge.errors import UserError
 from lmforge.eval.judge import (
     HFJudge,
     OpenAIJudge,
-    chat_completions_url,
     hf_judge,
     judge_pairs,
     make_judge,
