@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill bench-serve bench-backends bench-overopt clean
+.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill bench-serve bench-backends bench-overopt bench-collapse clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -129,3 +129,8 @@ bench-backends: $(VENV)/.dev
 # pass rate as the gold score; needs `make demo` (its SFT model and pairs)
 bench-overopt: $(VENV)/.core
 	$(BIN)/python bench/overoptimization.py
+
+# model collapse: generations trained on the previous one's samples, with and without real data
+# (uses the demo's corpus and tokenizer when `make demo` ran, else makes them); needs sacrebleu
+bench-collapse: $(VENV)/.dev
+	$(BIN)/python bench/collapse.py

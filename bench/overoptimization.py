@@ -37,8 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import machine, write_report  # noqa: E402
 from lmforge.io import read_jsonl  # noqa: E402
-from lmforge.train.precision import cpu_features, cpu_name  # noqa: E402
 
 GOLD = {"kind": "code", "weight": 0.0}  # logged as reward/code/mean, never optimized
 
@@ -205,14 +205,12 @@ def main() -> None:
         stage, over, reward = todo[name]
         run = a.out / name if a.report_only else run_rl(a, a.out, name, stage, over, reward)
         curves[name] = curve(run, stage)
-    head = (f"CPU: {cpu_name()} [{' '.join(cpu_features())}], {os.cpu_count()} cores; policy "
-            f"{a.policy}; proxies trained on {a.rm_pairs} pairs ({a.rm_steps} steps); {a.steps} "
-            f"RL steps at lr {a.lr:g}; blocks of a sixth of the run (at least 5 steps)")
-    text = table(curves)
+    head = (f"{machine()}; policy {a.policy}; proxies trained on {a.rm_pairs} pairs "
+            f"({a.rm_steps} steps); {a.steps} RL steps at lr {a.lr:g}; blocks of a sixth of the "
+            "run (at least 5 steps)")
     plot(curves, a.out / "overoptimization.png")
-    (a.out / "report.md").write_text(f"# Reward over-optimization\n\n{head}\n\n{text}\n\n"
-                                     "![proxy and gold against KL](overoptimization.png)\n")
-    print(f"\n{head}\n\n{text}\n\nplot and report: {a.out}")
+    write_report(a.out, "Reward over-optimization", head, table(curves), "overoptimization.png",
+                 "proxy and gold against KL")
 
 
 if __name__ == "__main__":

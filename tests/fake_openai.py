@@ -21,14 +21,42 @@ Brain = Callable[[str], str]
 MODEL = "scripted-7b"
 
 
+class JsonHandler(BaseHTTPRequestHandler):
+    """A handler that answers JSON and keeps quiet in the test log."""
+
+    def send_json(self, code: int, body: Any) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """The base URL of `handler` served on an ephemeral loopback port, for the block."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def _handler(brain: Brain, seen: list[dict[str, Any]]) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             seen.append({"method": "GET", "path": self.path})
             if self.path == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+                self.send_json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
             else:
-                self._send(404, {"error": {"message": "no such route"}})
+                self.send_json(404, {"error": {"message": "no such route"}})
 
         def do_POST(self) -> None:  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -41,19 +69,8 @@ def _handler(brain: Brain, seen: list[dict[str, Any]]) -> type[BaseHTTPRequestHa
                 choices.append({"index": i, "finish_reason": "length" if cut else "stop",
                                 "message": {"role": "assistant",
                                             "content": " ".join(words[:body["max_tokens"]])}})
-            self._send(200, {"object": "chat.completion", "model": body["model"],
-                             "choices": choices})
-
-        def _send(self, code: int, obj: Any) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: Any) -> None:
-            pass
+            self.send_json(200, {"object": "chat.completion", "model": body["model"],
+                                 "choices": choices})
 
     return Handler
 
@@ -62,14 +79,8 @@ def _handler(brain: Brain, seen: list[dict[str, Any]]) -> type[BaseHTTPRequestHa
 def scripted_server(brain: Brain) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """(base URL, the requests seen) of a server answering with `brain`."""
     seen: list[dict[str, Any]] = []
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _handler(brain, seen))
-    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", seen
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with serving(_handler(brain, seen)) as url:
+        yield url, seen
 
 
 def script_local_model(monkeypatch: pytest.MonkeyPatch, brain: Brain) -> None:

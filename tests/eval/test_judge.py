@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import math
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from lmforge.eval.judge import (
     render_pairwise,
 )
 from tests.conftest import make_chat_tokenizer, micro_llama
+from tests.fake_openai import JsonHandler, serving
 
 # --------------------------------------------------------------------------- parsing
 
@@ -157,7 +156,7 @@ def test_no_pairs_never_calls_the_judge() -> None:
 # --------------------------------------------------------------------------- openai_judge
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     """/ok/...: a chat completion echoing the prompt; /bad/...: not JSON; /err/...: HTTP 500
     with an OpenAI-style error body spread over lines."""
 
@@ -168,36 +167,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.seen.append({"path": self.path, "body": body,
                           "auth": self.headers.get("Authorization")})
         if self.path.startswith("/bad/"):
-            self._send(200, b"<html>\nnot json\n</html>")
+            self.send_json(200, b"<html>\nnot json\n</html>")
         elif self.path.startswith("/err/"):
-            self._send(500, json.dumps({"error": {"message": "model\nexploded"}}).encode())
+            self.send_json(500, {"error": {"message": "model\nexploded"}})
         else:
             prompt = body["messages"][0]["content"]
-            reply = {"id": "x", "object": "chat.completion", "model": body["model"],
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": f"[[A]] {prompt}"}}]}
-            self._send(200, json.dumps(reply).encode())
-
-    def _send(self, code: int, data: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+            self.send_json(200, {"id": "x", "object": "chat.completion", "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant",
+                                                          "content": f"[[A]] {prompt}"}}]})
 
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     _Handler.seen = []
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", _Handler.seen
-    srv.shutdown()
-    srv.server_close()
+    with serving(_Handler) as url:
+        yield url, _Handler.seen
 
 
 def test_openai_judge_request_and_reply(server, monkeypatch) -> None:

@@ -120,6 +120,23 @@ def test_a_local_model_gives_the_same_run(monkeypatch: pytest.MonkeyPatch, input
     _check(out, run_stage("constitutional", cfg))
 
 
+def test_a_separate_critic_gets_only_critiques_and_revisions(
+        monkeypatch: pytest.MonkeyPatch, inputs: list[str], long_context_model: Path,  # noqa: F811
+        tmp_path: Path) -> None:
+    """The local model writes the first responses; the endpoint critic all the rest."""
+    script_local_model(monkeypatch, brain)
+    out = tmp_path / "run"
+    with scripted_server(brain) as (url, seen):
+        cfg = load_config(ConstitutionalCfg, TINY, [
+            f"model.path={long_context_model}", f"critic.path={url}", f"critic.name={MODEL}",
+            f"run.dir={out}", *inputs])
+        s = run_stage("constitutional", cfg)
+    _check(out, s)
+    posts = [r["body"]["messages"] for r in seen if r["method"] == "POST"]
+    assert len(posts) == 2 * 2 * 2 and all(len(m) in (3, 5) for m in posts)
+    assert s["model"]["requests"] == 3 and s["critic"]["requests"] == 8
+
+
 def test_judged_pairs_need_both_orders_to_agree(inputs: list[str], tmp_path: Path) -> None:
     """The scripted judge picks the safe revision from either slot: both orders agree, the
     pair is kept (revision won). A judge that always says A disagrees with itself across the
