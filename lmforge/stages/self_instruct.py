@@ -115,15 +115,20 @@ def instruction_problem(text: str, cfg: SelfInstructCfg) -> str | None:
 
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+# an answer opening like a Python statement is code even when it does not parse: broken code
+# must meet the sandbox (and fail there), not pass as prose
+_CODE_START = re.compile(r"\s*(?:async\s+def|def|class|import|from|for|while|with|try|@)\b")
 
 
 def code_in(answer: str) -> str | None:
     """The code an answer holds: its fenced blocks, joined; else the whole answer when it
-    parses as Python with a statement that does something (a bare name such as 'Paris' is
-    valid Python but not code). Parsed with `ast`, never run here."""
+    opens like a Python statement, or parses as Python with a statement that does something
+    (a bare name such as 'Paris' is valid Python but not code). Parsed, never run, here."""
     blocks = _FENCE.findall(answer)
     if blocks:
         return "\n".join(b.strip("\n") for b in blocks)
+    if _CODE_START.match(answer):
+        return answer
     try:
         tree = ast.parse(answer)
     except (SyntaxError, ValueError):

@@ -69,6 +69,9 @@ def test_code_in_answers_parses_never_runs() -> None:
     assert si.code_in("print('hi')") == "print('hi')"  # a call does something
     assert si.code_in("Paris") is None  # valid Python, but a bare name is prose
     assert si.code_in("The answer is 4.") is None
+    broken = "def tally(xs):\n    xs = min(xs(xs)\n    return xs"  # opens like code: it is code
+    assert si.code_in(broken) == broken and not si.has_assert(broken)
+    assert si.code_in("Define a word.") is None  # "Define" is not "def"
     assert si.has_assert("assert f(1) == 2") and not si.has_assert("def f(): pass")
     assert not si.has_assert("def (:")
 
