@@ -102,6 +102,9 @@ class RewardModelCfg(Cfg):
     path: str | list[str]  # an `lmforge rm` final/ dir, or several
     combine: Literal["mean", "min"] = "mean"
     batch_size: int = Field(16, ge=1)
+    # a reward model whose tokenizer is not the policy's is refused at start unless this is
+    # on: answers then reach it as text, re-rendered with its own chat template
+    other_tokenizer: bool = False
 
     @field_validator("path")
     @classmethod

@@ -215,6 +215,33 @@ def reward_model_reward(cfg: Any, answers: Sequence[Answer], env: Env) -> list[f
     return combine_scores(members, getattr(cfg, "combine", "mean"))
 
 
+def check_reward_models(cfgs: Sequence[Any], tokenizer: Any) -> None:
+    """Before the first rollout: every reward model loads (a head of one output, a pad id),
+    its tokenizer has a chat template, and is the policy's, unless the reward allows another
+    (`other_tokenizer`). A model of another family scores re-rendered text, which works, but
+    silently: a reward model trained with lmforge rm from the policy is what RLHF assumes."""
+    from lmforge.models import resolve_model_dir
+    from lmforge.tokenizer import load_tokenizer
+
+    for c in cfgs:
+        if c.kind != "reward_model":
+            continue
+        for p in [c.path] if isinstance(c.path, str) else c.path:
+            check_local_or_hub(p, "reward model")
+            model_dir = resolve_model_dir(p)
+            tok = load_tokenizer(model_dir)
+            if not getattr(tok, "chat_template", None):
+                raise UserError(f"reward model {p}: its tokenizer has no chat template to "
+                                "render (prompt, answer) with")
+            if not c.other_tokenizer and tok.get_vocab() != tokenizer.get_vocab():
+                raise UserError(
+                    f"reward model {p}: its tokenizer differs from the policy's ({len(tok)} vs "
+                    f"{len(tokenizer)} tokens); train it from the policy (lmforge rm "
+                    "model.path=<the policy>), or set other_tokenizer: true on this reward to "
+                    "score answers as text in the reward model's own template")
+            _load_rm(str(model_dir))  # its head and pad id, said now (cached for the rounds)
+
+
 @functools.lru_cache(maxsize=8)
 def member_scale(model_dir: str) -> tuple[float, float]:
     """(mean, std) of an ensemble member's scores on its training completions, written by

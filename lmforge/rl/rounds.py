@@ -32,7 +32,7 @@ from lmforge.models import body_of, load_model, plain_head
 from lmforge.rl.advantages import group_advantages, rloo_advantages, whiten
 from lmforge.rl.config import OnlineRlCfg
 from lmforge.rl.log import ROLLOUTS
-from lmforge.rl.rewards import Answer, Env, score_rollouts
+from lmforge.rl.rewards import Answer, Env, check_reward_models, score_rollouts
 from lmforge.rl.rollout import Engine, Rollouts, SamplingCfg, make_engine
 from lmforge.train.reference import live_reference
 
@@ -318,6 +318,7 @@ def sampling(cfg: OnlineRlCfg, model: PreTrainedModel, tokenizer: Any, precision
              ) -> tuple[list[Any], list[list[int]], Engine, Env, int]:
     """(items, their prompt ids, the rollout engine, the reward environment, the pad id): what
     a `Rounds` samples and scores with, for any online-RL stage."""
+    check_reward_models(cfg.rewards, tokenizer)
     items = load_items(cfg)
     gen = Generator(model, tokenizer, chat=True)
     room = gen.context - cfg.rollout.max_new_tokens

@@ -20,6 +20,7 @@ from lmforge.stages import run_stage
 from lmforge.stages.ppo import completion_values, setup
 from tests.conftest import ROOT, run_cli
 from tests.stages.test_grpo import _rows, _same_weights
+from tests.stages.test_pairs import reward_model  # noqa: F401 (a fixture)
 
 
 def ppo_cfg(tiny_run: Path, out: Path, *over: str) -> PpoCfg:
@@ -141,6 +142,34 @@ def test_bad_settings_are_one_line(tiny_run: Path, tmp_path: Path, over: list[st
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "bad" / "summary.json").exists()
+
+
+def test_a_reward_model_of_another_tokenizer_is_one_line_before_any_rollout(
+        tiny_run: Path, reward_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The fixture RM has a 320-token vocabulary of its own, not the tiny run's."""
+    rm = f"[{{kind: reward_model, path: {reward_model}}}]"
+    r = run_cli("ppo", str(ROOT / "configs/ppo/tiny.yaml"), f"model.path={tiny_run / 'dpo'}",
+                f"run.dir={tmp_path / 'bad'}", f"rewards={rm}", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert f"reward model {reward_model}: its tokenizer differs from the policy's" in r.stderr
+    assert "other_tokenizer: true" in r.stderr and "round 1" not in r.stdout
+
+
+def test_reward_model_check_allows_another_tokenizer_when_asked(
+        tiny_run: Path, reward_model: Path) -> None:  # noqa: F811
+    from lmforge.errors import UserError
+    from lmforge.rl.config import RewardModelCfg
+    from lmforge.rl.rewards import check_reward_models
+    from lmforge.tokenizer import load_tokenizer
+
+    policy_tok = load_tokenizer(str(tiny_run / "dpo" / "final"))
+    own = load_tokenizer(str(reward_model))
+    check_reward_models([RewardModelCfg(path=str(reward_model))], own)  # the same vocabulary
+    with pytest.raises(UserError, match="differs from the policy's"):
+        check_reward_models([RewardModelCfg(path=[str(reward_model)])], policy_tok)
+    check_reward_models([RewardModelCfg(path=str(reward_model), other_tokenizer=True)], policy_tok)
+    with pytest.raises(UserError, match="reward model path not found"):
+        check_reward_models([RewardModelCfg(path=str(tiny_run / "no-rm"))], policy_tok)
 
 
 def test_lora_actor_references_its_base_and_holds_no_copy(tiny_run: Path, tmp_path: Path) -> None:
