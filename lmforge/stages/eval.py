@@ -71,6 +71,13 @@ def check(cfg: EvalCfg) -> None:
         raise UserError(f"n={cfg.n} samples need temperature > 0 (greedy samples are identical)")
     if cfg.judge.judge and not cfg.judge.baseline:
         raise UserError("judge.baseline: a judge compares this model with a baseline model")
+    if cfg.judge.judge and cfg.judge.judge.startswith(("http://", "https://")):
+        from lmforge.eval.judge import OpenAIJudge, make_judge
+
+        judge = make_judge(cfg.judge.judge, **({"model": cfg.judge.judge_model}
+                                               if cfg.judge.judge_model else {}))
+        assert isinstance(judge, OpenAIJudge)
+        judge.endpoint.check()  # a dead or wrong server: said before any model is loaded
     if cfg.backend == "vllm":
         try:
             import vllm  # noqa: F401  (said before a checkpoint is loaded, not after)

@@ -90,11 +90,12 @@ def test_bad_inputs_are_one_line_exit_2(tiny_run: Path, tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    line = _one_line_exit_2(run_cli("eval", final, "--limit", "1", "synthetic.n_eval=1",
-                                    "max_new_tokens=8", "--judge", f"http://127.0.0.1:{port}/v1",
-                                    "--judge-model", "m", "--baseline", final,
-                                    "--out", str(tmp_path / "d")))
-    assert f"127.0.0.1:{port}" in line and "refused" in line
+    # the judge endpoint is asked before anything loads: the checkpoint need not exist
+    line = _one_line_exit_2(run_cli("eval", str(tmp_path / "none"), "--limit", "1",
+                                    "synthetic.n_eval=1", "max_new_tokens=8", "--judge",
+                                    f"http://127.0.0.1:{port}/v1", "--judge-model", "m",
+                                    "--baseline", final, "--out", str(tmp_path / "d")))
+    assert f"judge endpoint http://127.0.0.1:{port}/v1 refused the connection" in line
     line = _one_line_exit_2(run_cli("eval", final, "--task", "nosuch", "--out", str(tmp_path / "e")))
     assert "unknown task 'nosuch'" in line
     assert not (tmp_path / "c" / "eval.json").exists()
