@@ -1,9 +1,11 @@
 """The model that writes synth data: an endpoint's requests and replies (n, seeds, the cut
 flag, the model check), a local chat model's replies against a plain greedy loop on the
-conversation's template ids, and a base model's transcript worked by hand."""
+conversation's template ids, a base model's transcript worked by hand, and a refused endpoint
+stopping either synth command in one line before any work."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from lmforge.config import WriterCfg
 from lmforge.endpoint import Endpoint
 from lmforge.errors import UserError
 from lmforge.writer import Writer, transcript
+from tests.conftest import ROOT, run_cli
 from tests.eval.test_judge import _argmax_loop, _save_tiny
 from tests.fake_openai import MODEL, scripted_server
 
@@ -33,6 +36,20 @@ def test_endpoint_requests_and_cut_flags() -> None:
     assert all(b["n"] == 2 and b["top_p"] == 0.9 and b["temperature"] == 0.5 for b in posts)
     assert posts[1]["messages"] == conv and seen[0]["path"] == "/v1/models"
     assert w.describe()["requests"] == 3
+
+
+@pytest.mark.parametrize("kind", ["self-instruct", "constitutional"])
+def test_a_refused_endpoint_is_one_line_before_any_work(tmp_path: Path, kind: str) -> None:
+    with socket.socket() as s:  # a port nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    tiny = ROOT / f"configs/{kind.replace('-', '_')}/tiny.yaml"
+    r = run_cli("synth", kind, str(tiny), f"model.path={url}", "model.name=m",
+                f"run.dir={tmp_path}")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert f"model endpoint {url} refused the connection" in r.stderr
+    assert not (tmp_path / "sft.jsonl").exists() and not (tmp_path / "summary.json").exists()
+    assert r.stdout == ""  # nothing began
 
 
 def test_endpoint_check_without_a_model_listing(tmp_path: Path) -> None:
