@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("kind", choices=sorted(BENCH), help="what to compare")
     b.add_argument("args", nargs="+", metavar="CHECKPOINT [key.path=value ...]")
     _quantize_flags(b, bench=True)
+    _plan_flags(sub.add_parser("plan", help="size a run before it starts: Chinchilla tokens, "
+                               "memory per GPU (DDP, ZeRO-1/2/3; full, LoRA, QLoRA), bubbles"))
     m = sub.add_parser("merge", help="merge a LoRA/DoRA/QLoRA adapter into its base model")
     m.add_argument("adapter", type=Path, help="an adapter dir (e.g. runs/demo/sft/final/adapter)")
     m.add_argument("--base", help="base model dir or hub id (default: the adapter's own record)")
@@ -98,6 +100,22 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--top-p", type=float, default=0.95)
     c.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _plan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a preset (nano, tiny, small, gpt2-124m), a parameter count "
+                   "(7e9, 70B), or an HF model dir / config.json / hub id")
+    p.add_argument("--vocab", type=int, default=32000, help="a preset's vocabulary size")
+    p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs")
+    p.add_argument("--gpu-mem", type=float, default=80, help="GB per GPU")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--method", choices=["full", "lora", "qlora", "all"], default="all")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--compute", type=float, help="a FLOPs budget: its compute-optimal size")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--micro-batches", type=int, default=8, help="micro-batches per pipeline step")
 
 
 def _eval_flags(s: argparse.ArgumentParser) -> None:
@@ -240,6 +258,11 @@ def _dispatch(ns: argparse.Namespace) -> int:
         from lmforge.serve import serve_cli
 
         serve_cli(ns)
+        return 0
+    if ns.command == "plan":
+        from lmforge.plan import plan_cli
+
+        plan_cli(ns)
         return 0
     if ns.command == "merge":
         from lmforge.models import merge_cli
