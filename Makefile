@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill bench-serve bench-backends bench-overopt bench-collapse clean
+.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill bench-serve bench-backends bench-overopt bench-collapse bench-plan clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -134,3 +134,7 @@ bench-overopt: $(VENV)/.core
 # (uses the demo's corpus and tokenizer when `make demo` ran, else makes them); needs sacrebleu
 bench-collapse: $(VENV)/.dev
 	$(BIN)/python bench/collapse.py
+
+# `lmforge plan`'s activation and model-state formulas against a real run's tensors
+bench-plan: $(VENV)/.core
+	$(BIN)/python bench/plan_vs_measured.py

@@ -11,9 +11,10 @@ tests/test_plan.py.
   adapters, so gradients and optimizer state are the adapters'; QLoRA also stores the frozen
   linear layers in 4 bits (NF4 with one fp32 absmax per 64 weights: 4.5 bits a weight).
 - Activations, per token and layer, for a pre-norm block (Korthikanti et al. 2022 counted the
-  same for GPT): what backward needs, in bytes of the activation dtype; attention scores add
-  heads x seq per token unless a fused kernel (flash / SDPA) recomputes them. Full activation
-  checkpointing keeps each block's input and recomputes one block at a time.
+  same for GPT): the tensors autograd saves for backward, in bytes of the activation dtype;
+  attention scores add heads x seq per token unless a fused kernel (flash / SDPA) recomputes
+  them. Full activation checkpointing keeps each block's input and rebuilds one block at a
+  time. bench/plan_vs_measured.py counts the saved tensors of a real model against it.
 - Pipeline bubble (GPipe / 1F1B): with F stages and m micro-batches, (F - 1) / (m + F - 1) of
   the time is idle.
 - Tensor parallelism (Megatron-LM): each layer all-reduces its attention and MLP outputs, in
@@ -182,29 +183,49 @@ def model_state(params: float, *, method: Method = "full", zero: int = 0, gpus: 
 
 def activation_bytes_per_token_layer(s: Shape, seq: int, act_bytes: float = 2.0,
                                      fused_attention: bool = True) -> float:
-    """What one pre-norm block keeps for backward, per token, in bytes. In values: the two
-    norms' inputs and outputs (4 h), q, k, v (h + 2 kv), the attention output (h), and the MLP's
-    intermediates: gate and up outputs, the activation and the product fed to the down
-    projection (4 ffn; GPT-2: the fc output and the GELU output, 2 ffn). Unfused attention adds
-    its probabilities (heads x seq per token)."""
-    values = 4 * s.hidden + s.hidden + 2 * s.kv_hidden + s.hidden
+    """What one pre-norm block keeps for backward, per token, in bytes (the Hugging Face Llama
+    block, counted tensor by tensor in bench/plan_vs_measured.py). Values: each of the two
+    norms keeps its input, the normalized input (for the gain's backward) and the gained output
+    (the next linear layer's input): 6 h; q (h), k and v (2 kv); the attention output, the
+    output projection's input (h); the MLP's gate and up outputs, the activation and the
+    product fed to the down projection (4 ffn; GPT-2: the fc output and the GELU output,
+    2 ffn). In fp32: each norm's 1 / rms, and the fused attention's log-sum-exp per head.
+    Unfused attention keeps its probabilities too (heads x seq)."""
+    values = 6 * s.hidden + s.hidden + 2 * s.kv_hidden + s.hidden
     values += (4 if s.gated else 2) * s.ffn
-    if not fused_attention:
+    fp32 = 2 * 4.0  # the norms' 1 / rms
+    if fused_attention:
+        fp32 += s.heads * 4.0
+    else:
         values += s.heads * seq
-    return values * act_bytes
+    return values * act_bytes + fp32
+
+
+def activation_parts(s: Shape, seq: int, micro_batch: int, *, checkpointing: bool,
+                     act_bytes: float = 2.0, fused_attention: bool = True,
+                     logits_bytes: float = 4.0) -> dict[str, float]:
+    """Activation bytes for one micro-batch on one GPU, by part: `blocks` (every block's
+    saved tensors, or with checkpointing only each block's input; and once, the rotary cos and
+    sin every block shares), `recompute` (checkpointing: the one block rebuilt at a time in
+    backward), `head` (the final norm, 3 h a token, and the logits, in fp32 for the loss)."""
+    tokens = seq * micro_batch
+    block = activation_bytes_per_token_layer(s, seq, act_bytes, fused_attention) * tokens
+    rotary = 2 * seq * (s.hidden // s.heads) * act_bytes if s.gated else 0.0  # Llama's rope
+    if checkpointing:
+        blocks, recompute = s.layers * s.hidden * act_bytes * tokens, block + rotary
+    else:
+        blocks, recompute = s.layers * block + rotary, 0.0
+    return {"blocks": blocks, "recompute": recompute,
+            "head": tokens * (3 * s.hidden * act_bytes + 4.0 + s.vocab * logits_bytes)}
 
 
 def activations(s: Shape, seq: int, micro_batch: int, *, checkpointing: bool,
                 act_bytes: float = 2.0, fused_attention: bool = True,
                 logits_bytes: float = 4.0) -> float:
-    """Activation bytes at the peak of backward for one micro-batch on one GPU: every block's
-    (or, checkpointed, every block's input plus one block recomputed), and the logits (fp32
-    for the loss)."""
-    tokens = seq * micro_batch
-    block = activation_bytes_per_token_layer(s, seq, act_bytes, fused_attention) * tokens
-    kept = (s.layers * s.hidden * act_bytes * tokens + block) if checkpointing \
-        else s.layers * block
-    return kept + tokens * s.vocab * logits_bytes
+    """The peak of backward: every part of `activation_parts`."""
+    return sum(activation_parts(s, seq, micro_batch, checkpointing=checkpointing,
+                                act_bytes=act_bytes, fused_attention=fused_attention,
+                                logits_bytes=logits_bytes).values())
 
 
 # --------------------------------------------------------------------------- parallelism, storage

@@ -5,6 +5,7 @@ by transformers and adapters built by peft, and the command's one-line errors.""
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lmforge import plan
@@ -89,17 +90,48 @@ def test_parameters_and_lora_parameters_equal_transformers_and_peft(cfg) -> None
 
 
 def test_activations_worked_by_hand() -> None:
-    """hidden 4, 2 layers, 2 heads (kv 2), SwiGLU ffn 8, vocab 10; bf16. Per token and layer:
-    norms 4 * 4 + q 4 + k, v 2 * 4 + attention out 4 + MLP 4 * 8 = 64 values, 128 bytes.
-    seq 3 x micro-batch 2 = 6 tokens: 2 * 128 * 6 = 1,536, plus fp32 logits 6 * 10 * 4 = 240.
-    Checkpointed: block inputs 2 * 4 * 2 * 6 = 96 and one block recomputed (768): 1,104.
-    Unfused attention adds its probabilities, 2 heads x 3 = 6 values a token and layer."""
+    """hidden 4, 2 layers, 2 heads (kv 2, head dim 2), SwiGLU ffn 8, vocab 10; bf16. Per token
+    and layer: norms 6 * 4, q 4, k and v 2 * 4, attention output 4, MLP 4 * 8: 72 values, 144
+    bytes, plus fp32 1/rms for 2 norms (8) and log-sum-exp for 2 heads (8): 160. seq 3 x
+    micro-batch 2 = 6 tokens: a block 960; rotary cos and sin 2 * 3 * 2 * 2 = 24, once. Head:
+    6 * (final norm 3 * 4 * 2 + its 1/rms 4 + fp32 logits 10 * 4) = 408.
+    No checkpointing: 2 * 960 + 24 + 408 = 2,352. Checkpointed: block inputs 2 * 4 * 2 * 6 =
+    96, one block rebuilt 960 + 24, head 408: 1,488. Unfused attention: 78 values and no
+    log-sum-exp, 164 a token and layer: 2 * 984 + 24 + 408 = 2,400."""
     s = plan.Shape(params=0, hidden=4, layers=2, heads=2, kv_heads=2, ffn=8, vocab=10)
-    assert plan.activation_bytes_per_token_layer(s, 3) == 128
-    assert plan.activations(s, 3, 2, checkpointing=False) == 1536 + 240
-    assert plan.activations(s, 3, 2, checkpointing=True) == 96 + 768 + 240
-    assert plan.activations(s, 3, 2, checkpointing=False, fused_attention=False) == \
-        2 * (64 + 6) * 2 * 6 + 240
+    assert plan.activation_bytes_per_token_layer(s, 3) == 160
+    assert plan.activations(s, 3, 2, checkpointing=False) == 2352
+    assert plan.activation_parts(s, 3, 2, checkpointing=True) == \
+        {"blocks": 96, "recompute": 984, "head": 408}
+    assert plan.activations(s, 3, 2, checkpointing=False, fused_attention=False) == 2400
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activations_equal_what_autograd_saves(checkpointing: bool) -> None:
+    """The tensors a Hugging Face Llama (fp32, SDPA, grouped-query attention) saves for
+    backward in one training forward, each storage counted once, equal the formula to the
+    byte but for the 4-byte loss scalar. Checkpointed, the block rebuilt in backward is not
+    among them (it exists only during backward)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=88, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randint(0, 96, (3, 20))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=x, labels=x, use_cache=False)
+    parts = plan.activation_parts(plan.shape_of_config(cfg), 20, 3, checkpointing=checkpointing,
+                                  act_bytes=4.0)
+    assert sum(saved.values()) == parts["blocks"] + parts["head"] + 4
 
 
 def test_bubble_tensor_parallel_and_storage() -> None:
