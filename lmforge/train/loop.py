@@ -6,16 +6,11 @@ non-finite guard, signals, metrics.jsonl and progress.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import resource
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +23,10 @@ from lmforge.errors import Interrupted, TrainingError, UserError
 from lmforge.io import append_jsonl, atomic_dir, read_jsonl
 from lmforge.models import save_hf
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import distributed
 from lmforge.train.precision import DTYPES, Precision, make_precision, peak_flops
 from lmforge.train.progress import ProgressLog
+from lmforge.train.runtime import Signals, keep_freed_memory, peak_memory_mb
 from lmforge.train.schedules import lr_at
 
 Batch = Any
@@ -92,48 +89,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-class _Signals:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (a second SIGINT aborts)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    @contextmanager
-    def installed(self) -> Iterator[_Signals]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def keep_freed_memory() -> None:
-    """Stop glibc from returning large freed blocks to the OS between steps: otherwise every
-    step re-faults its activations (~100k page faults, 5-10% of a CPU step on `small`), for
-    50-100 MB more resident memory. A no-op where libc is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-4, 0)  # M_MMAP_MAX: serve big blocks from the heap, not fresh mmaps
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep the freed heap
-
-
 @dataclass
 class _State:
     """Everything besides weights and optimizer that an exact resume must restore."""
@@ -192,6 +147,12 @@ class Trainer:
         self.run_dir, self.model, self.task, self.tokenizer = run_dir, model, task, tokenizer
         self.device = next(model.parameters()).device
         self.precision: Precision = make_precision(cfg.precision, self.device.type)
+        # under torchrun: DDP on the model (in place) before the optimizer sees it; only rank
+        # 0 writes (metrics, checkpoints, exports), every rank trains its share of each step
+        self.dist = distributed.current()
+        if self.dist.active:
+            distributed.local_accum(cfg.grad_accum, self.dist.world)  # said before any step
+            distributed.replicate(model)
         # fused: one kernel per step instead of ~10 small ops per tensor (3x faster on CPU)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
@@ -229,8 +190,14 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model,
-                                    self._trainer_state(), self.cfg.keep_last)
+        """Rank 0 writes (DDP keeps every rank's state identical); the others wait for it."""
+        path = self.ckpt_root / f"step-{self.state.step}"
+        if self.dist.main:
+            path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model,
+                                        self._trainer_state(), self.cfg.keep_last)
+        if self.dist.active:
+            distributed.barrier()
+        return path
 
     def _load(self, path: Path) -> None:
         st = ckpt.load_checkpoint(path, self.model)
@@ -271,7 +238,8 @@ class Trainer:
                                            0, 0, "")
         r = self.cfg.resume
         if r == "never":
-            shutil.rmtree(self.ckpt_root, ignore_errors=True)
+            if self.dist.main:
+                shutil.rmtree(self.ckpt_root, ignore_errors=True)
             path = None
         elif r == "auto":
             path = self._load_latest(progress)
@@ -281,8 +249,9 @@ class Trainer:
                 raise UserError(f"train.resume: checkpoint {path} does not exist")
             self._load(path)
         if path is None:  # a fresh start: nothing of an earlier run may leak into this one
-            self.metrics_path.unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / "best", ignore_errors=True)
+            if self.dist.main:
+                self.metrics_path.unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / "best", ignore_errors=True)
             return None
         b = self.state.budget or {}
         if self.state.planned_steps is not None and b.get("budget_s") != self.cfg.time_budget_s:
@@ -295,15 +264,21 @@ class Trainer:
                             f"train.max_steps={self.cfg.max_steps}; raise train.max_steps to "
                             "continue it, or set train.resume=never to start over")
         # rows logged after the checkpoint belong to a future this run will redo
-        rows = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= self.state.step]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if self.dist.main:
+            rows = [r for r in read_jsonl(self.metrics_path)
+                    if r.get("step", 0) <= self.state.step]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return path
 
     # ------------------------------------------------------------------ one step
 
     def _micro_steps(self, micro: list[Batch]) -> tuple[float, dict[str, float], int]:
         weights = [float(self.task.weight(b)) for b in micro]
-        total = sum(weights) or 1.0
+        total = sum(weights) or 1.0  # the global batch's: every rank sees every micro-batch
+        ranks = 1.0
+        if self.dist.active:  # this rank's share; x ranks undoes DDP's mean over them
+            weights, micro = distributed.share(weights, self.dist), distributed.share(micro, self.dist)
+            ranks = float(self.dist.world)
         scaler = self.precision.scaler
         loss_sum: torch.Tensor | None = None  # summed on the device: one read per step
         metrics: dict[str, float] = {}
@@ -312,12 +287,20 @@ class Trainer:
             with self.precision.autocast():
                 loss, m = self.task.step(b)
             scaled = loss * (w / total)
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            grad = scaled * ranks if ranks != 1.0 else scaled
+            (scaler.scale(grad) if scaler is not None else grad).backward()
             loss_sum = scaled.detach() if loss_sum is None else loss_sum + scaled.detach()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) * w / total
             tokens += self.task.tokens(b)
-        return float(loss_sum) if loss_sum is not None else 0.0, metrics, tokens
+        loss_f = float(loss_sum) if loss_sum is not None else 0.0
+        if self.dist.active:  # each rank summed its share of the global weighted mean
+            keys = sorted(metrics)
+            sums = distributed.all_sum([loss_f, float(tokens), *(metrics[k] for k in keys)],
+                                       self.device)
+            loss_f, tokens = sums[0], int(sums[1])
+            metrics = dict(zip(keys, sums[2:]))
+        return loss_f, metrics, tokens
 
     def _optimizer_step(self) -> tuple[float, bool]:
         """Unscale, clip, step. Returns (grad norm, whether the update was applied)."""
@@ -392,6 +375,10 @@ class Trainer:
         row["peak_mem_mb"] = peak_memory_mb(self.device)
         return row
 
+    def _export_final(self, out: Path) -> None:
+        if self.dist.main:
+            self.export(out)
+
     def export(self, out: Path) -> None:
         if self.task.export is not None:
             self.task.export(out)
@@ -418,13 +405,15 @@ class Trainer:
         m = self._run_eval()
         val = float(m["val_loss"])
         row = {"step": self.state.step, **m, "val_ppl": math.exp(min(val, 50.0))}
-        append_jsonl(self.metrics_path, row)
+        if self.dist.main:
+            append_jsonl(self.metrics_path, row)
         progress.message(f"eval step {self.state.step}: val_loss {val:.4f} ppl {row['val_ppl']:.2f}")
         s = self.state
         if s.best_val is None or val < s.best_val:
             s.best_val, s.evals_since_best = val, 0
             if self.cfg.final == "best":
-                self.export(self.run_dir / "best")
+                if self.dist.main:
+                    self.export(self.run_dir / "best")
                 if self.task.export is not None:
                     self._best_trainable = {n: p.detach().clone() for n, p in
                                             self.model.named_parameters() if p.requires_grad}
@@ -453,6 +442,8 @@ class Trainer:
         s.planned_steps = max(s.step + 1, min(cfg.max_steps, fit))
         s.budget = {"budget_s": cfg.time_budget_s, "step_s": round(step_s, 4),
                     "eval_s": round(eval_s, 3), "calibration_steps": len(step_times) + 1}
+        if self.dist.active:  # rank 0's plan: ranks stepping a different number of times hang
+            s.planned_steps, s.budget = distributed.broadcast((s.planned_steps, s.budget))
         if s.planned_steps < cfg.max_steps:
             progress.message(
                 f"time budget {cfg.time_budget_s:.0f}s: {s.planned_steps} of {cfg.max_steps} steps "
@@ -472,22 +463,25 @@ class Trainer:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         torch.manual_seed(self.cfg.seed)
-        progress = ProgressLog(self.log_cfg.progress, self.max_steps, 0, self.run_dir.name)
+        progress = ProgressLog(self.log_cfg.progress if self.dist.main else "off", self.max_steps,
+                               0, self.run_dir.name)
         progress.message(self.precision.choice.line())
         try:
             resumed = self.resume(progress)
+            if self.dist.active:  # rank 0's clean-up of an earlier run is done before step 1
+                distributed.barrier()
             progress.restart(self.max_steps, self.state.step)
             if resumed is not None:
                 progress.message(f"resumed from {resumed} at step {self.state.step}")
             self.model.train()
             stopped, last = "max_steps", {}
-            with _Signals().installed() as sig:
+            with Signals().installed() as sig:
                 stopped, last = self._loop(progress, sig, time.perf_counter())
         finally:
             progress.close()
         return self._finish(stopped, last)
 
-    def _loop(self, progress: ProgressLog, sig: _Signals, t_start: float) -> tuple[str, dict[str, Any]]:
+    def _loop(self, progress: ProgressLog, sig: Signals, t_start: float) -> tuple[str, dict[str, Any]]:
         cfg, last, interval = self.cfg, {}, _Interval()
         keys: list[str] = []
         # the budget is planned after CALIBRATION steps, the first one (warm-up) untimed
@@ -505,7 +499,8 @@ class Trainer:
             log_now = n % self.log_cfg.every == 0 or n == self.max_steps or n == 1
             if log_now:
                 logged = self._log_row(interval, row, keys, progress)
-                append_jsonl(self.metrics_path, logged)
+                if self.dist.main:
+                    append_jsonl(self.metrics_path, logged)
                 interval = _Interval()
                 progress.update(n, logged, True)
             else:
@@ -520,10 +515,14 @@ class Trainer:
                 raise Interrupted(sig.signum, str(path))
             if cfg.save_every and n % cfg.save_every == 0:
                 self.save()
-            if cfg.time_limit_s and time.perf_counter() - t_start >= cfg.time_limit_s:
+            if cfg.time_limit_s and self._past(time.perf_counter() - t_start >= cfg.time_limit_s):
                 progress.message(f"time limit {cfg.time_limit_s:.0f}s reached at step {n}")
                 return "time_limit", last
         return ("time_budget" if self.max_steps < cfg.max_steps else "max_steps"), last
+
+    def _past(self, limit_reached: bool) -> bool:
+        """Whether to stop for the time limit: rank 0's clock decides for every rank."""
+        return bool(distributed.broadcast(limit_reached)) if self.dist.active else limit_reached
 
     def _must_plan(self, progress: ProgressLog) -> bool:
         """A budget is planned once per run (resume keeps the plan), and only when the run
@@ -554,12 +553,15 @@ class Trainer:
                 for n, p in self.model.named_parameters():
                     if n in self._best_trainable:
                         p.copy_(self._best_trainable[n])
-            self.export(final)
+            self._export_final(final)
         elif self.cfg.final == "best" and best.exists():
-            with atomic_dir(final) as tmp:
-                shutil.copytree(best, tmp, dirs_exist_ok=True)
+            if self.dist.main:
+                with atomic_dir(final) as tmp:
+                    shutil.copytree(best, tmp, dirs_exist_ok=True)
         else:
-            self.export(final)
+            self._export_final(final)
+        if self.dist.active:
+            distributed.barrier()  # final/ is written before any rank returns
         s = self.state
         return Result(s.step, s.tokens, stopped, final, last, s.best_val, s.nonfinite_total,
                       s.train_time_s, self.precision.choice.as_dict(),

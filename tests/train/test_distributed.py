@@ -1,0 +1,79 @@
+"""The one loop on two processes (gloo, CPU): DDP on the same global batch gives the
+single-process run's losses and weights, in float64 so the bounds measure the loop; a global
+batch that two ranks cannot split is one line on every rank, before any step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from lmforge.config import OptimCfg
+from lmforge.data.pack import TokenWindows
+from lmforge.io import read_jsonl
+from lmforge.train.loop import Trainer
+from tests.conftest import QUIET, SEQ, lm_task, micro_llama, train_cfg
+
+MICRO, STEPS = 2, 3
+
+
+def _run(run_dir: Path, ids: Path, accum: int) -> Trainer:
+    model = micro_llama().double()
+    windows = TokenWindows(ids, "uint16", SEQ)
+    cfg = train_cfg(max_steps=STEPS, micro_batch_size=MICRO, grad_accum=accum)
+    tr = Trainer(cfg, OptimCfg(lr=1e-3), QUIET, run_dir, model, lm_task(model, windows, MICRO, accum))
+    tr.run()
+    return tr
+
+
+def _rank(rank: int, world: int, rendezvous: str, run_dir: str, ids: str, accum: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world)
+    try:
+        _run(Path(run_dir), Path(ids), accum)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path: Path, windows: TokenWindows, accum: int, name: str) -> Path:
+    run_dir = tmp_path / name
+    mp.spawn(_rank, args=(2, str(tmp_path / f"{name}.rdzv"), str(run_dir),
+                          str(windows.data.filename), accum), nprocs=2, join=True)
+    return run_dir
+
+
+def _result(run_dir: Path) -> tuple[list[float], dict[str, Any]]:
+    losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    return losses, load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def test_ddp_on_two_ranks_equals_one_process(tmp_path: Path, windows: TokenWindows) -> None:
+    """Global batch 2 x 4 micro-batches: one process accumulates all four; each of two ranks
+    two, and DDP averages their gradients. The same eight sequences' gradients are summed in
+    another order, so they differ by rounding, ~8 * 2^-53 relative: losses are held to 1e-12,
+    and weights, which Adam moves by at most lr * d / eps = 1e-3 * 1e-14 / 1e-8 = 1e-9 a step
+    for a gradient difference d, to 1e-8 after 3 steps (the argument of
+    tests/train/test_loop.py's accumulation test)."""
+    _run(tmp_path / "one", Path(windows.data.filename), 4)
+    ddp = _spawn(tmp_path, windows, 4, "ddp")
+    (loss_1, w_1), (loss_2, w_2) = _result(tmp_path / "one"), _result(ddp)
+    assert len(loss_1) == STEPS and loss_2 == pytest.approx(loss_1, abs=1e-12)
+    assert max(float((w_1[k] - w_2[k]).abs().max()) for k in w_1) < 1e-8
+    # rank 0 alone wrote: one row per step, one checkpoint, one final/
+    assert [r["step"] for r in read_jsonl(ddp / "metrics.jsonl")] == [1, 2, 3]
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step-3"]
+    tokens = [r["tokens"] for r in read_jsonl(ddp / "metrics.jsonl")]
+    assert tokens[-1] == STEPS * MICRO * 4 * SEQ  # both ranks' tokens counted
+
+
+def test_a_global_batch_two_ranks_cannot_split_is_one_line(tmp_path: Path,
+                                                           windows: TokenWindows) -> None:
+    with pytest.raises(mp.ProcessRaisedException) as e:
+        _spawn(tmp_path, windows, 3, "odd")
+    assert "train.grad_accum=3 micro-batches cannot be split over 2 ranks" in str(e.value)
+    assert not (tmp_path / "odd" / "metrics.jsonl").exists()
