@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -321,11 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(ns, "args") or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         ns.args = [*ns.args, *extra]
+    from lmforge.train import distributed
+
     try:
-        with _sigterm_raises():
+        with _sigterm_raises(), distributed.session():
             return _dispatch(ns)
     except UserError as e:
-        print(f"lmforge {ns.command}: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank meets it: one says
+            print(f"lmforge {ns.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except TrainingError as e:
         print(f"lmforge {ns.command}: failed: {e}", file=sys.stderr)

@@ -52,17 +52,26 @@ def run_stage(name: str, cfg: C.Cfg) -> dict[str, Any]:
 
     Missing inputs and an unusable run.dir are found before anything is written; a full disk
     or a read-only filesystem met on the way is one line naming run.dir."""
+    from lmforge.train import distributed
+
     out: Path = cfg.run.dir  # type: ignore[attr-defined]
+    distributed.check_stage(name)
     check_inputs(cfg)
     check_run_dir(out, name)
-    ensure_writable_dir(out, "run.dir")
+    d = distributed.current()  # under torchrun: rank 0 writes the stage's own files
+    for _ in distributed.main_first(d):
+        ensure_writable_dir(out, "run.dir")
     with storage_errors(out):
-        (out / "summary.json").unlink(missing_ok=True)  # a rerun is not finished until it says so
-        C.dump_config(cfg, out / "config.yaml")
+        if d.main:
+            (out / "summary.json").unlink(missing_ok=True)  # a rerun is not finished until it says so
+            C.dump_config(cfg, out / "config.yaml")
         t0 = time.perf_counter()
         summary = stage_main(name)(cfg)
         summary = {"stage": name, "wall_time_s": round(time.perf_counter() - t0, 2), **summary}
-        atomic_write_json(out / "summary.json", summary)
+        if d.active:
+            summary["ranks"] = d.world
+        if d.main:
+            atomic_write_json(out / "summary.json", summary)
     return summary
 
 

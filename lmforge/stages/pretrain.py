@@ -18,6 +18,7 @@ from lmforge.errors import UserError
 from lmforge.losses.lm import causal_lm_loss, token_mean
 from lmforge.models import build_model, config_summary, flops_per_token
 from lmforge.tokenizer import load_tokenizer, resolve_tokenizer_dir
+from lmforge.train import distributed
 from lmforge.train.loop import Task, train
 
 
@@ -57,9 +58,10 @@ def main(cfg: PretrainCfg) -> dict[str, Any]:
     if tokenizer.eos_token_id is None:
         raise UserError(f"pretrain: tokenizer {tok_src} has no eos token to separate documents")
     tok_dir = resolve_tokenizer_dir(d.tokenizer) if d.tokenizer else None
-    manifest = pack_corpus(d.corpus, tokenizer.backend_tokenizer, len(tokenizer),
-                           tokenizer.eos_token_id, cfg.run.dir / "data",
-                           tok_dir / "tokenizer.json" if tok_dir else None)
+    for _ in distributed.main_first(distributed.current()):  # the others reuse rank 0's pack
+        manifest = pack_corpus(d.corpus, tokenizer.backend_tokenizer, len(tokenizer),
+                               tokenizer.eos_token_id, cfg.run.dir / "data",
+                               tok_dir / "tokenizer.json" if tok_dir else None)
     pack_dir = cfg.run.dir / "data"
     train_w = TokenWindows.from_manifest(pack_dir, "train", d.seq_len)
     val_w = TokenWindows.from_manifest(pack_dir, "val", d.seq_len)

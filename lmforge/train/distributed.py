@@ -14,7 +14,9 @@ turns that into the single-process gradient. Logging, checkpoints and exports ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -46,6 +48,51 @@ def current() -> Dist:
     if dist.is_available() and dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size())
     return Dist()
+
+
+# stages whose every write is rank 0's and whose data every rank reads alike; the others say
+# so in one line under torchrun
+STAGES = ("pretrain",)
+
+
+def launched() -> bool:
+    """Started by torchrun (or any launcher that sets the env:// variables) with > 1 rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextmanager
+def session() -> Iterator[Dist]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...) for the
+    block: NCCL with one GPU per local rank where CUDA is, else gloo."""
+    import torch.distributed as dist
+
+    if not launched() or dist.is_initialized():
+        yield current()
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield current()
+    finally:
+        dist.destroy_process_group()
+
+
+def check_stage(name: str) -> None:
+    if current().active and name not in STAGES:
+        raise UserError(f"{name} cannot run on several processes yet (distributed: "
+                        f"{', '.join(STAGES)}); run it without torchrun")
+
+
+def main_first(d: Dist) -> Iterator[None]:
+    """Rank 0 does a block of work first (writes a shared file), then the others (who find
+    it done and read it): `for _ in main_first(d): work()`."""
+    if d.main:
+        yield
+    if d.active:
+        barrier()
+    if not d.main:
+        yield
 
 
 def local_accum(grad_accum: int, world: int) -> int:

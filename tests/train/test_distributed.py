@@ -1,9 +1,13 @@
 """The one loop on two processes (gloo, CPU): DDP on the same global batch gives the
 single-process run's losses and weights, in float64 so the bounds measure the loop; a global
-batch that two ranks cannot split is one line on every rank, before any step."""
+batch that two ranks cannot split is one line on every rank, before any step; `lmforge
+pretrain` under torchrun, and a stage that cannot run distributed refused in one line."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ from lmforge.config import OptimCfg
 from lmforge.data.pack import TokenWindows
 from lmforge.io import read_jsonl
 from lmforge.train.loop import Trainer
-from tests.conftest import QUIET, SEQ, lm_task, micro_llama, train_cfg
+from tests.conftest import QUIET, ROOT, SEQ, lm_task, micro_llama, run_cli, train_cfg
 
 MICRO, STEPS = 2, 3
 
@@ -77,3 +81,40 @@ def test_a_global_batch_two_ranks_cannot_split_is_one_line(tmp_path: Path,
         _spawn(tmp_path, windows, 3, "odd")
     assert "train.grad_accum=3 micro-batches cannot be split over 2 ranks" in str(e.value)
     assert not (tmp_path / "odd" / "metrics.jsonl").exists()
+
+
+def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "-m", "lmforge.cli", *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+
+def test_pretrain_under_torchrun_equals_one_process_at_step_1(tiny_run: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m lmforge.cli pretrain`: rank 0 alone writes the stage's
+    files; the first step's loss (the same weights on the same global batch of 2 x 2
+    sequences, before any update) equals one process's up to fp32 summation order, a few ulps
+    of ~5 nats: held to 1e-5 relative."""
+    over = [str(ROOT / "configs/pretrain/tiny.yaml"), f"data.corpus={tiny_run / 'corpus'}",
+            f"data.tokenizer={tiny_run / 'tokenizer'}", "train.max_steps=3",
+            "train.micro_batch_size=2", "train.grad_accum=2", "train.eval_every=0",
+            "log.every=1", "log.progress=off"]
+    r = _torchrun(tmp_path, "pretrain", *over, f"run.dir={tmp_path / 'two'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = run_cli("pretrain", *over, f"run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    rows = {n: [x for x in read_jsonl(tmp_path / n / "metrics.jsonl") if "loss" in x]
+            for n in ("one", "two")}
+    assert [x["step"] for x in rows["two"]] == [1, 2, 3]  # one writer
+    assert rows["two"][0]["loss"] == pytest.approx(rows["one"][0]["loss"], rel=1e-5)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["steps"] == 3
+    assert load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+
+
+def test_a_stage_that_cannot_run_distributed_says_so_once(tiny_run: Path, tmp_path: Path) -> None:
+    r = _torchrun(tmp_path, "sft", str(ROOT / "configs/sft/tiny.yaml"),
+                  f"model.path={tiny_run / 'pretrain'}", f"run.dir={tmp_path / 'sft'}")
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.startswith("lmforge sft: error:")]
+    assert len(lines) == 1 and "sft cannot run on several processes yet" in lines[0]
+    assert not (tmp_path / "sft" / "summary.json").exists()
