@@ -118,3 +118,52 @@ def test_a_stage_that_cannot_run_distributed_says_so_once(tiny_run: Path, tmp_pa
     lines = [x for x in r.stderr.splitlines() if x.startswith("lmforge sft: error:")]
     assert len(lines) == 1 and "sft cannot run on several processes yet" in lines[0]
     assert not (tmp_path / "sft" / "summary.json").exists()
+
+
+def _rank_pids(tag: str) -> dict[int, int]:
+    """{rank: pid} of the workers whose environment carries `tag` (torchrun sets RANK)."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(x.split("=", 1) for x in (proc / "environ").read_text().split("\0") if "=" in x)
+        except (OSError, ValueError):
+            continue
+        if env.get("LMFORGE_TEST_TAG") == tag and "RANK" in env and "TORCHELASTIC_RUN_ID" in env:
+            out[int(env["RANK"])] = int(proc.name)
+    return out
+
+
+def test_a_rank_that_dies_ends_the_run_with_an_error_not_a_hang(tiny_run: Path, tmp_path: Path) -> None:
+    """Rank 1 is killed mid-run: the run ends non-zero within a bounded time (the launcher
+    stops the other rank; the loop's collectives fail instead of waiting), naming the dead
+    rank, and no final/ or summary.json looks finished."""
+    import os
+    import signal
+    import time
+
+    tag = f"{os.getpid()}-{time.time()}"
+    run_dir = tmp_path / "dies"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lmforge.cli", "pretrain", str(ROOT / "configs/pretrain/tiny.yaml"),
+           f"data.corpus={tiny_run / 'corpus'}", f"data.tokenizer={tiny_run / 'tokenizer'}",
+           "train.max_steps=100000", "train.micro_batch_size=2", "train.grad_accum=2",
+           "train.eval_every=0", "log.every=1", "log.progress=off", f"run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "LMFORGE_TEST_TAG": tag})
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        pids = _rank_pids(tag)
+        assert set(pids) == {0, 1}, pids
+        os.kill(pids[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        assert time.monotonic() - t0 < 120
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "local_rank: 1" in err or "rank: 1" in err, err[-2000:]
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "final").exists()
