@@ -40,22 +40,6 @@ def model_of(preset: str, vocab: int) -> tuple[Any, plan.Shape]:
     return AutoModelForCausalLM.from_config(cfg).train(), plan.shape_of_config(cfg)
 
 
-def saved_bytes(model: Any, seq: int, batch: int, vocab: int) -> int:
-    """Bytes of the distinct storages autograd saves in one training forward, weights aside."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point() and t.untyped_storage().data_ptr() not in weights:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    x = torch.randint(0, vocab, (batch, seq))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=x, labels=x, use_cache=False)
-    return sum(saved.values())
-
-
 def activation_rows(vocab: int) -> list[tuple[str, str, float, float]]:
     rows = []
     for preset in ("nano", "tiny"):
@@ -68,7 +52,7 @@ def activation_rows(vocab: int) -> list[tuple[str, str, float, float]]:
                 parts = plan.activation_parts(shape, seq, batch, checkpointing=ckpt, act_bytes=4.0)
                 # what the forward saves; the block rebuilt in backward is not among it
                 want = parts["blocks"] + parts["head"]
-                got = saved_bytes(model, seq, batch, vocab)
+                got = plan.saved_bytes(model, torch.randint(0, vocab, (batch, seq)))
                 rows.append((f"activations, {'checkpointed' if ckpt else 'all kept'}",
                              f"{preset}, seq {seq} x {batch}", want, got))
     return rows

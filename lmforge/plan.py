@@ -228,6 +228,24 @@ def activations(s: Shape, seq: int, micro_batch: int, *, checkpointing: bool,
                                 logits_bytes=logits_bytes).values())
 
 
+def saved_bytes(model: Any, input_ids: Any) -> int:
+    """What the activation formulas are checked against: the bytes of the distinct storages
+    autograd saves for backward in one training forward of `model` (weights aside)."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=input_ids, labels=input_ids, use_cache=False)
+    return sum(saved.values())
+
+
 # --------------------------------------------------------------------------- parallelism, storage
 
 

@@ -224,6 +224,8 @@ class Trainer:
                 progress.message(f"{e}; trying the checkpoint before it")
                 continue
             for _, bad in found[len(found) - len(damaged):]:  # out of keep_last's count, kept
+                if not self.dist.main:
+                    break  # rank 0 moves them aside
                 aside = bad.with_name(bad.name + ".damaged")
                 shutil.rmtree(aside, ignore_errors=True)
                 bad.rename(aside)
