@@ -40,6 +40,7 @@ from lmforge.models import (
     resolve_model_dir,
 )
 from lmforge.tokenizer import load_tokenizer
+from lmforge.train import distributed
 from lmforge.train.forgetting import Anchor, GeneralText, fisher_diagonal, merge_rows, perplexity
 from lmforge.train.loop import Task, train
 from lmforge.train.precision import make_precision
@@ -361,9 +362,10 @@ def pass_at_1(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: C
     summary, rows = eval_splits(model, tokenizer, splits, stop_token_ids(tokenizer, fmt),
                                 cfg.eval, precision.autocast(), limit)
     path = cfg.run.dir / f"eval_{when}.jsonl"
-    path.unlink(missing_ok=True)
-    for r in rows:
-        append_jsonl(path, r)
+    if distributed.current().main:  # under torchrun every rank evaluates alike; one writes
+        path.unlink(missing_ok=True)
+        for r in rows:
+            append_jsonl(path, r)
     groups = ", ".join(f"{k} {summary[k]:.1%}" for k in summary["n_per_group"])
     print(f"{cfg.run.dir.name}: pass@1 {when}: {groups} ({summary['seconds']:.0f}s)")
     return summary

@@ -52,7 +52,7 @@ def current() -> Dist:
 
 # stages whose every write is rank 0's and whose data every rank reads alike; the others say
 # so in one line under torchrun
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "sft")
 
 
 def launched() -> bool:

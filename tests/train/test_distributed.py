@@ -1,7 +1,8 @@
 """The one loop on two processes (gloo, CPU): DDP on the same global batch gives the
 single-process run's losses and weights, in float64 so the bounds measure the loop; a global
 batch that two ranks cannot split is one line on every rank, before any step; `lmforge
-pretrain` under torchrun, and a stage that cannot run distributed refused in one line."""
+pretrain` and `lmforge sft` under torchrun, and a stage that cannot run distributed refused
+in one line."""
 
 from __future__ import annotations
 
@@ -111,13 +112,34 @@ def test_pretrain_under_torchrun_equals_one_process_at_step_1(tiny_run: Path, tm
     assert load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
 
 
+def test_sft_under_torchrun_equals_one_process_at_step_1(tiny_run: Path, tmp_path: Path) -> None:
+    """The same first-step bound as pretraining's; the held-out pass@1 before and after is
+    computed on every rank alike and written once."""
+    over = [str(ROOT / "configs/sft/tiny.yaml"), f"model.path={tiny_run / 'pretrain'}",
+            f"forgetting.general={tiny_run / 'corpus'}", "train.max_steps=2",
+            "train.micro_batch_size=2", "train.grad_accum=2", "train.eval_every=0",
+            "log.every=1", "log.progress=off"]
+    r = _torchrun(tmp_path, "sft", *over, f"run.dir={tmp_path / 'two'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = run_cli("sft", *over, f"run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    rows = {n: [x for x in read_jsonl(tmp_path / n / "metrics.jsonl") if "loss" in x]
+            for n in ("one", "two")}
+    assert [x["step"] for x in rows["two"]] == [1, 2]
+    assert rows["two"][0]["loss"] == pytest.approx(rows["one"][0]["loss"], rel=1e-5)
+    for when in ("before", "after"):  # one writer: as many rows as one process writes
+        evals = {n: list(read_jsonl(tmp_path / n / f"eval_{when}.jsonl")) for n in ("one", "two")}
+        assert len(evals["two"]) == len(evals["one"]) > 0
+
+
 def test_a_stage_that_cannot_run_distributed_says_so_once(tiny_run: Path, tmp_path: Path) -> None:
-    r = _torchrun(tmp_path, "sft", str(ROOT / "configs/sft/tiny.yaml"),
-                  f"model.path={tiny_run / 'pretrain'}", f"run.dir={tmp_path / 'sft'}")
+    r = _torchrun(tmp_path, "dpo", str(ROOT / "configs/dpo/tiny.yaml"),
+                  f"model.path={tiny_run / 'sft'}", f"data.train={tiny_run / 'pairs'}",
+                  f"run.dir={tmp_path / 'dpo'}")
     assert r.returncode != 0
-    lines = [x for x in r.stderr.splitlines() if x.startswith("lmforge sft: error:")]
-    assert len(lines) == 1 and "sft cannot run on several processes yet" in lines[0]
-    assert not (tmp_path / "sft" / "summary.json").exists()
+    lines = [x for x in r.stderr.splitlines() if x.startswith("lmforge dpo: error:")]
+    assert len(lines) == 1 and "dpo cannot run on several processes yet" in lines[0]
+    assert not (tmp_path / "dpo" / "summary.json").exists()
 
 
 def _rank_pids(tag: str) -> dict[int, int]:
