@@ -90,43 +90,41 @@ def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
 
 
-def test_pretrain_under_torchrun_equals_one_process_at_step_1(tiny_run: Path, tmp_path: Path) -> None:
-    """`torchrun --nproc_per_node 2 -m lmforge.cli pretrain`: rank 0 alone writes the stage's
-    files; the first step's loss (the same weights on the same global batch of 2 x 2
-    sequences, before any update) equals one process's up to fp32 summation order, a few ulps
-    of ~5 nats: held to 1e-5 relative."""
-    over = [str(ROOT / "configs/pretrain/tiny.yaml"), f"data.corpus={tiny_run / 'corpus'}",
-            f"data.tokenizer={tiny_run / 'tokenizer'}", "train.max_steps=3",
-            "train.micro_batch_size=2", "train.grad_accum=2", "train.eval_every=0",
+DDP_OVER = ["train.micro_batch_size=2", "train.grad_accum=2", "train.eval_every=0",
             "log.every=1", "log.progress=off"]
-    r = _torchrun(tmp_path, "pretrain", *over, f"run.dir={tmp_path / 'two'}")
+
+
+def _two_ranks_and_one(tmp_path: Path, stage: str, over: list[str], steps: int) -> None:
+    """The stage on 2 ranks (run.dir two/) and on 1 (one/): rank 0 alone wrote one row a
+    step, and the first step's loss (the same weights on the same global batch of 2 x 2
+    sequences, before any update) equals one process's up to fp32 summation order, a few ulps
+    of a loss of a few nats: held to 1e-5 relative."""
+    over = [*over, f"train.max_steps={steps}", *DDP_OVER]
+    r = _torchrun(tmp_path, stage, *over, f"run.dir={tmp_path / 'two'}")
     assert r.returncode == 0, r.stderr[-3000:]
-    one = run_cli("pretrain", *over, f"run.dir={tmp_path / 'one'}")
+    one = run_cli(stage, *over, f"run.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-2000:]
     rows = {n: [x for x in read_jsonl(tmp_path / n / "metrics.jsonl") if "loss" in x]
             for n in ("one", "two")}
-    assert [x["step"] for x in rows["two"]] == [1, 2, 3]  # one writer
+    assert [x["step"] for x in rows["two"]] == list(range(1, steps + 1))
     assert rows["two"][0]["loss"] == pytest.approx(rows["one"][0]["loss"], rel=1e-5)
+
+
+def test_pretrain_under_torchrun_equals_one_process_at_step_1(tiny_run: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m lmforge.cli pretrain`."""
+    _two_ranks_and_one(tmp_path, "pretrain", [
+        str(ROOT / "configs/pretrain/tiny.yaml"), f"data.corpus={tiny_run / 'corpus'}",
+        f"data.tokenizer={tiny_run / 'tokenizer'}"], 3)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["steps"] == 3
     assert load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
 
 
 def test_sft_under_torchrun_equals_one_process_at_step_1(tiny_run: Path, tmp_path: Path) -> None:
-    """The same first-step bound as pretraining's; the held-out pass@1 before and after is
-    computed on every rank alike and written once."""
-    over = [str(ROOT / "configs/sft/tiny.yaml"), f"model.path={tiny_run / 'pretrain'}",
-            f"forgetting.general={tiny_run / 'corpus'}", "train.max_steps=2",
-            "train.micro_batch_size=2", "train.grad_accum=2", "train.eval_every=0",
-            "log.every=1", "log.progress=off"]
-    r = _torchrun(tmp_path, "sft", *over, f"run.dir={tmp_path / 'two'}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    one = run_cli("sft", *over, f"run.dir={tmp_path / 'one'}")
-    assert one.returncode == 0, one.stderr[-2000:]
-    rows = {n: [x for x in read_jsonl(tmp_path / n / "metrics.jsonl") if "loss" in x]
-            for n in ("one", "two")}
-    assert [x["step"] for x in rows["two"]] == [1, 2]
-    assert rows["two"][0]["loss"] == pytest.approx(rows["one"][0]["loss"], rel=1e-5)
+    """The held-out pass@1 before and after is computed on every rank alike, written once."""
+    _two_ranks_and_one(tmp_path, "sft", [
+        str(ROOT / "configs/sft/tiny.yaml"), f"model.path={tiny_run / 'pretrain'}",
+        f"forgetting.general={tiny_run / 'corpus'}"], 2)
     for when in ("before", "after"):  # one writer: as many rows as one process writes
         evals = {n: list(read_jsonl(tmp_path / n / f"eval_{when}.jsonl")) for n in ("one", "two")}
         assert len(evals["two"]) == len(evals["one"]) > 0
