@@ -68,6 +68,8 @@ def train_rms(a: argparse.Namespace, out: Path) -> dict[str, str]:
                         ("rm-s2", ["length_normalize=false", "train.seed=2"]),
                         ("rm-len", ["length_normalize=true"])):
         run = out / name
+        if a.report_only and not (run / "summary.json").exists():
+            sys.exit(f"--report-only: {run} has no finished reward model; run the bench first")
         if not (run / "summary.json").exists():
             s = lmforge(["rm", "configs/rm/tiny.yaml", f"model.path={a.policy}",
                          f"data.train={a.pairs}", f"data.limit={a.rm_pairs}",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import sys
 import threading
@@ -328,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         with _sigterm_raises(), distributed.session():
             return _dispatch(ns)
     except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank meets it: one says
+        if distributed.launch_rank() == 0:  # under torchrun every rank meets it: one says
             print(f"lmforge {ns.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except TrainingError as e:

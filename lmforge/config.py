@@ -526,7 +526,9 @@ class WriterCfg(Cfg):
 
     @property
     def remote(self) -> bool:
-        return bool(self.path) and str(self.path).startswith(("http://", "https://"))
+        from lmforge.endpoint import is_endpoint
+
+        return is_endpoint(self.path)
 
     @model_validator(mode="after")
     def _endpoint_named(self) -> WriterCfg:

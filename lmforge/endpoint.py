@@ -39,9 +39,15 @@ def chat_completions_url(url: str) -> str:
     return api_base(url) + "/chat/completions"
 
 
-def one_line(text: str, limit: int = 200) -> str:
+def is_endpoint(spec: str | None) -> bool:
+    """An http(s) URL names a server; anything else a local model."""
+    return bool(spec) and str(spec).startswith(("http://", "https://"))
+
+
+def one_line(text: str, limit: int | None = 200) -> str:
+    """Whitespace runs (newlines too) as one space; cut to `limit` characters with '...'."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _http_error_text(e: urllib.error.HTTPError) -> str:

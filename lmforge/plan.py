@@ -318,7 +318,7 @@ def resolve_model(spec: str, vocab: int) -> tuple[float, Shape | None, str]:
     return s.params, s, f"{config.model_type} config {spec}"
 
 
-def _gb(x: float) -> str:
+def _size(x: float) -> str:
     """Bytes in GB, or MB below one GB (a small model's state is all below it)."""
     return f"{x / GB:,.2f} GB" if x >= GB else f"{x / 1e6:,.1f} MB"
 
@@ -343,11 +343,11 @@ def memory_table(params: float, shape: Shape | None, ns: Any) -> list[str]:
                              trainable=trainable,
                              quantized=shape.linear_params() if shape else None)
             total = st.total + (act[0] if act else 0.0)
-            acts = f"{_gb(act[0])} / {_gb(act[1])}" if act else "-"
+            acts = f"{_size(act[0])} / {_size(act[1])}" if act else "-"
             fits = ("yes" if total <= ns.gpu_mem * GB else "no") if act else "-"
-            lines.append(f"| {method} | {name} | {_gb(st.weights)} | {_gb(st.grads)} | "
-                         f"{_gb(st.optimizer)} | {_gb(st.master)} | {_gb(st.total)} | {acts} | "
-                         f"{_gb(total) if act else '-'} | {fits} |")
+            lines.append(f"| {method} | {name} | {_size(st.weights)} | {_size(st.grads)} | "
+                         f"{_size(st.optimizer)} | {_size(st.master)} | {_size(st.total)} | {acts} | "
+                         f"{_size(total) if act else '-'} | {fits} |")
     return lines
 
 
@@ -367,7 +367,7 @@ def plan_cli(ns: Any) -> None:
         n, d = chinchilla(ns.compute)
         out.append(f"  a budget of {ns.compute:.3g} FLOPs: {n:,.0f} parameters on {d:,.0f} tokens")
     dtype, size = token_storage(tokens, shape.vocab if shape else ns.vocab)
-    out.append(f"token storage for those tokens: {dtype}, {_gb(size)}")
+    out.append(f"token storage for those tokens: {dtype}, {_size(size)}")
     out.append(f"\nmemory per GPU ({ns.gpus} GPUs, seq {ns.seq}, micro-batch "
                f"{ns.micro_batch}; bf16 weights and grads, AdamW fp32 moments + fp32 master):")
     out += memory_table(params, shape, ns)
@@ -375,5 +375,5 @@ def plan_cli(ns: Any) -> None:
                f"{pipeline_bubble(ns.pp, ns.micro_batches):.1%} idle")
     if shape is not None and ns.tp > 1:
         tp = tp_bytes_per_step(shape, ns.seq, ns.micro_batch, ns.tp)
-        out.append(f"tensor parallel x{ns.tp}: {_gb(tp)} sent per GPU per micro-batch")
+        out.append(f"tensor parallel x{ns.tp}: {_size(tp)} sent per GPU per micro-batch")
     print("\n".join(out))

@@ -44,7 +44,6 @@ class Writer:
         self.requests, self.seconds = 0, 0.0  # prompts answered, wall time writing
         self._gen: Any = None
         self._precision: Any = None
-        self.precision: dict[str, str] | None = None
         self.endpoint = (Endpoint(str(cfg.path), str(cfg.name),
                                   api_key=os.environ.get(cfg.api_key_env) or None,
                                   timeout=cfg.timeout_s, what=f"{key} endpoint")
@@ -85,7 +84,6 @@ class Writer:
             model.to("cuda")
         precision = make_precision(self.cfg.precision, next(model.parameters()).device.type)
         print(f"{self.key}: {precision.choice.line()}")
-        self.precision = precision.choice.as_dict()
         self._precision = precision
         self._gen = Generator(model, load_tokenizer(path, self.cfg.trust_remote_code))
         if not self._gen.chat:
@@ -141,7 +139,7 @@ class Writer:
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.cfg.path), **({"name": self.cfg.name} if self.cfg.remote else {}),
                 "requests": self.requests, "seconds": round(self.seconds, 2),
-                **({"precision": self.precision} if self.precision else {})}
+                **({"precision": self._precision.choice.as_dict()} if self._precision else {})}
 
     def close(self) -> None:
         """Let a local model go, so a second one loaded next does not share memory with it."""

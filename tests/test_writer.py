@@ -13,7 +13,7 @@ import pytest
 from lmforge.config import WriterCfg
 from lmforge.endpoint import Endpoint
 from lmforge.errors import UserError
-from lmforge.writer import Writer, transcript
+from lmforge.writer import TRANSCRIPT_STOP, Writer, transcript
 from tests.conftest import ROOT, run_cli
 from tests.eval.test_judge import _argmax_loop, _save_tiny
 from tests.fake_openai import MODEL, scripted_server
@@ -93,11 +93,24 @@ def test_base_model_transcript_worked_by_hand() -> None:
                                 "\n\nAssistant:")
 
 
-def test_local_base_model_gets_the_transcript(tmp_path: Path) -> None:
+def test_local_base_model_gets_the_transcript(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What reaches the sampler: end-of-text, then the transcript's tokens, stopped at the next
+    'Human:'; a plain string stays raw text with no stop."""
+    import lmforge.eval.harness as harness
+
     _save_tiny(tmp_path, template=False)
     w = Writer(WriterCfg(path=str(tmp_path / "model"), precision="fp32"), "model")
     conv = [{"role": "user", "content": "Add 2 and 3."}]
-    (got,), = w([conv], temperature=0, top_p=1, max_new_tokens=5, seed=0)
-    gen = w._gen
-    want = gen([transcript(conv)], max_new_tokens=5, stop=["\n\nHuman:"])[0][0]
-    assert not gen.chat and got.text == want
+    seen: list[tuple[list[list[int]], tuple[str, ...]]] = []
+
+    def fake(model, prompts, stop_ids, pad, max_new_tokens, batch_size=64, *, stop=(), **kw):
+        seen.append((prompts, tuple(stop)))
+        return [[] for _ in prompts]
+
+    monkeypatch.setattr(harness, "generate_batch", fake)
+    w([conv], temperature=0, top_p=1, max_new_tokens=5, seed=0)
+    w(["Task 1: add"], temperature=0, top_p=1, max_new_tokens=5, seed=0)
+    tok = w._gen.tokenizer
+    raw = lambda text: [tok.eos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]  # noqa: E731
+    assert not w._gen.chat
+    assert seen == [([raw(transcript(conv))], TRANSCRIPT_STOP), ([raw("Task 1: add")], ())]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from lmforge.endpoint import Endpoint, in_threads
+from lmforge.endpoint import Endpoint, in_threads, is_endpoint
 from lmforge.errors import UserError
 
 Judge = Callable[[list[str]], list[str]]
@@ -240,10 +240,9 @@ class OpenAIJudge:
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60,
                  max_tokens: int = 16, workers: int = 4) -> None:
-        self.url, self.model, self.max_tokens = url, model, max_tokens
+        self.max_tokens, self.workers = max_tokens, workers
         self.endpoint = Endpoint(url, model, api_key=api_key, timeout=timeout,
                                  what="judge endpoint")
-        self.workers = max(1, workers)
 
     def __call__(self, prompts: list[str]) -> list[str]:
         return in_threads(self.ask, prompts, self.workers)
@@ -264,7 +263,7 @@ def openai_judge(url: str, *, model: str, api_key: str | None = None, timeout: f
 def make_judge(spec: str, **kw: Any) -> Judge:
     """An http:// or https:// URL is an endpoint (`openai_judge`, needs model=...); anything
     else a local model dir (`hf_judge`). Keyword arguments go to the chosen constructor."""
-    if spec.startswith(("http://", "https://")):
+    if is_endpoint(spec):
         if not kw.get("model"):
             raise UserError(f"judge {spec}: an endpoint judge needs a model name")
         return openai_judge(spec, **kw)

@@ -113,6 +113,11 @@ class RewardModelCfg(Cfg):
             raise ValueError("give at least one reward model")
         return v
 
+    @property
+    def paths(self) -> list[str]:
+        """One model or an ensemble's members, as a list."""
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
 
 class LengthRewardCfg(Cfg):
     """DAPO's soft overlong penalty: 0 up to `max_tokens - buffer` tokens, falling linearly to

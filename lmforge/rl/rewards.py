@@ -60,13 +60,9 @@ def reward_model_scores(model_dir: str | Path, tokenizer_dir: str | Path | None,
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     from lmforge.models import resolve_model_dir
-    from lmforge.tokenizer import load_tokenizer
 
     model_dir = resolve_model_dir(model_dir)
-    tok = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else model_dir)
-    if not getattr(tok, "chat_template", None):
-        raise UserError(f"reward model {model_dir}: its tokenizer has no chat template to "
-                        "render (prompt, answer) with")
+    tok = _rm_tokenizer(str(tokenizer_dir if tokenizer_dir is not None else model_dir))
     model = _load_rm(model_dir)
     pad = int(model.config.pad_token_id)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
@@ -85,6 +81,19 @@ def reward_model_scores(model_dir: str | Path, tokenizer_dir: str | Path | None,
 
 
 @functools.lru_cache(maxsize=8)  # RL scores every step: load once (an ensemble: each member)
+def _rm_tokenizer(path: str) -> Any:
+    """A reward model's tokenizer, which must carry the chat template (prompt, answer) are
+    rendered with."""
+    from lmforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    if not getattr(tok, "chat_template", None):
+        raise UserError(f"reward model {path}: its tokenizer has no chat template to "
+                        "render (prompt, answer) with")
+    return tok
+
+
+@functools.lru_cache(maxsize=8)
 def _load_rm(model_dir: str) -> PreTrainedModel:
     check_local_or_hub(model_dir, "reward model")
     try:
@@ -207,12 +216,12 @@ def answer_reward(cfg: Any, answers: Sequence[Answer], env: Env) -> list[float]:
 def reward_model_reward(cfg: Any, answers: Sequence[Answer], env: Env) -> list[float]:
     prompts: list[list[Message]] = [[{"role": "user", "content": a.item.prompt}] for a in answers]
     texts = [getattr(a.item, "head", "") + a.text for a in answers]
-    paths = [cfg.path] if isinstance(cfg.path, str) else list(cfg.path)
+    paths = cfg.paths
     members = [reward_model_scores(p, None, prompts, texts, cfg.batch_size) for p in paths]
     if len(paths) > 1:  # members on one scale: each standardized by its own training scores
         members = [[(x - m) / sd for x in scores]
                    for scores, (m, sd) in zip(members, map(member_scale, paths))]
-    return combine_scores(members, getattr(cfg, "combine", "mean"))
+    return combine_scores(members, cfg.combine)
 
 
 def check_reward_models(cfgs: Sequence[Any], tokenizer: Any) -> None:
@@ -221,18 +230,14 @@ def check_reward_models(cfgs: Sequence[Any], tokenizer: Any) -> None:
     (`other_tokenizer`). A model of another family scores re-rendered text, which works, but
     silently: a reward model trained with lmforge rm from the policy is what RLHF assumes."""
     from lmforge.models import resolve_model_dir
-    from lmforge.tokenizer import load_tokenizer
 
     for c in cfgs:
         if c.kind != "reward_model":
             continue
-        for p in [c.path] if isinstance(c.path, str) else c.path:
+        for p in c.paths:
             check_local_or_hub(p, "reward model")
             model_dir = resolve_model_dir(p)
-            tok = load_tokenizer(model_dir)
-            if not getattr(tok, "chat_template", None):
-                raise UserError(f"reward model {p}: its tokenizer has no chat template to "
-                                "render (prompt, answer) with")
+            tok = _rm_tokenizer(model_dir)
             if not c.other_tokenizer and tok.get_vocab() != tokenizer.get_vocab():
                 raise UserError(
                     f"reward model {p}: its tokenizer differs from the policy's ({len(tok)} vs "

@@ -187,10 +187,10 @@ def choose_template(p: Principle) -> str:
     return CHOOSE_TEMPLATE.replace("{choose}", question)
 
 
-def revision_pairs(threads: Sequence[Thread]) -> list[dict[str, Any]]:
+def revision_pairs(revised: Sequence[Thread]) -> list[dict[str, Any]]:
     return [{"prompt": [{"role": "user", "content": t.prompt}], "chosen": t.current,
              "rejected": t.original, "source": "revision", "principles": t.principles}
-            for t in threads if t.current != t.original]
+            for t in revised]
 
 
 # --------------------------------------------------------------------------- with the models
@@ -219,24 +219,22 @@ def revise(cfg: ConstitutionalCfg, critic: Writer, threads: Sequence[Thread],
               "accepted")
 
 
-def judged_pairs(critic: Writer, threads: Sequence[Thread], principles: Sequence[Principle],
+def judged_pairs(critic: Writer, revised: Sequence[Thread], principles: Sequence[Principle],
                  rng: random.Random, seed: int, drops: Counter[str]
                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Revision against original, judged in both orders under a sampled principle; a pair
-    only where both orders agree."""
+    """Each revised thread's revision against its original, judged in both orders under a
+    sampled principle; a pair only where both orders agree."""
     from lmforge.eval.judge import judge_pairs, summarize
 
     def judge(prompts: list[str]) -> list[str]:
         return [c.text for c in ask(critic, prompts, GenCfg(temperature=0, max_new_tokens=16),
                                     seed)]
 
-    todo = [t for t in threads if t.current != t.original]
-    drops["unchanged (no pair)"] += len(threads) - len(todo)
-    picks = [rng.choice(principles) for _ in todo]
+    picks = [rng.choice(principles) for _ in revised]
     pairs: list[dict[str, Any]] = []
     verdicts: list[dict[str, Any]] = []
     for p in dict.fromkeys(picks):  # one judge call per principle, in first-drawn order
-        group = [t for t, q in zip(todo, picks) if q is p]
+        group = [t for t, q in zip(revised, picks) if q is p]
         rows, _ = judge_pairs(judge, [(t.prompt, t.current, t.original) for t in group],
                               choose_template(p))
         verdicts += rows
@@ -291,9 +289,9 @@ def main(cfg: ConstitutionalCfg) -> dict[str, Any]:
             "principles": t.principles} for t in revised]
     judge_summary = None
     if cfg.preferences == "judged":
-        pairs, judge_summary = judged_pairs(critic, threads, principles, rng, cfg.seed + 99, drops)
+        pairs, judge_summary = judged_pairs(critic, revised, principles, rng, cfg.seed + 99, drops)
     else:
-        pairs = revision_pairs(threads)
+        pairs = revision_pairs(revised)
     summary: dict[str, Any] = {
         "prompts": len(prompts), "principles": [p.name for p in principles],
         "revisions": cfg.revisions, "responses": len(threads),

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lmforge.config import EVAL_TASKS, EvalCfg
+from lmforge.endpoint import Endpoint, is_endpoint
 from lmforge.errors import UserError
 from lmforge.eval import harness as H
 from lmforge.eval.passk import check_k
@@ -71,13 +72,10 @@ def check(cfg: EvalCfg) -> None:
         raise UserError(f"n={cfg.n} samples need temperature > 0 (greedy samples are identical)")
     if cfg.judge.judge and not cfg.judge.baseline:
         raise UserError("judge.baseline: a judge compares this model with a baseline model")
-    if cfg.judge.judge and cfg.judge.judge.startswith(("http://", "https://")):
-        from lmforge.eval.judge import OpenAIJudge, make_judge
-
-        judge = make_judge(cfg.judge.judge, **({"model": cfg.judge.judge_model}
-                                               if cfg.judge.judge_model else {}))
-        assert isinstance(judge, OpenAIJudge)
-        judge.endpoint.check()  # a dead or wrong server: said before any model is loaded
+    if is_endpoint(cfg.judge.judge):  # a dead or wrong server: said before any model loads
+        if not cfg.judge.judge_model:
+            raise UserError(f"judge {cfg.judge.judge}: an endpoint judge needs a model name")
+        Endpoint(str(cfg.judge.judge), cfg.judge.judge_model, what="judge endpoint").check()
     if cfg.backend == "vllm":
         try:
             import vllm  # noqa: F401  (said before a checkpoint is loaded, not after)

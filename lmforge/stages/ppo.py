@@ -238,8 +238,7 @@ def _memory(cfg: PpoCfg, actor: nn.Module, critic: nn.Module, how: str) -> dict[
            "reference": actor_mb if how.startswith("a frozen copy") else 0.0}
     for rw in cfg.rewards:
         if rw.kind == "reward_model":  # an ensemble: every member
-            paths = [rw.path] if isinstance(rw.path, str) else rw.path  # type: ignore[union-attr]
-            out["reward_model"] = sum(f.stat().st_size for p in paths
+            out["reward_model"] = sum(f.stat().st_size for p in rw.paths  # type: ignore[union-attr]
                                       for f in Path(resolve_model_dir(p)).glob("*.safetensors")) / 2**20
     return out
 

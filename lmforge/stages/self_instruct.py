@@ -40,7 +40,7 @@ from typing import Any
 
 from lmforge.config import SelfInstructCfg
 from lmforge.data.dedup import RougePool
-from lmforge.endpoint import Choice
+from lmforge.endpoint import Choice, one_line
 from lmforge.errors import UserError
 from lmforge.stages.pairs import write_jsonl
 from lmforge.writer import Writer
@@ -59,13 +59,9 @@ class Task:
 # --------------------------------------------------------------------------- prompts and parsing
 
 
-def one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def instruction_prompt(shots: Sequence[str]) -> str:
     """The numbered list the model continues: 'Task 1: ...' per shot, then 'Task k+1:'."""
-    lines = [f"Task {i}: {one_line(s)}" for i, s in enumerate(shots, 1)]
+    lines = [f"Task {i}: {one_line(s, None)}" for i, s in enumerate(shots, 1)]
     return HEADER + "\n".join(lines) + f"\nTask {len(shots) + 1}:"
 
 
@@ -77,7 +73,7 @@ def parse_instructions(reply: Choice) -> tuple[list[str], str | None]:
     """(new instructions, the piece dropped as cut off or None). The reply continues 'Task
     k:', so the text before the first marker is task k and each marker starts another. A reply
     that the token limit cut loses its last piece: it is a task stopped mid-sentence."""
-    pieces = [one_line(p) for p in _MARKER.split(reply.text)]
+    pieces = [one_line(p, None) for p in _MARKER.split(reply.text)]
     pieces = [p for p in pieces if p]
     if reply.cut and pieces:
         return pieces[:-1], pieces[-1]
@@ -192,35 +188,34 @@ class Drops:
 
 
 def new_instructions(cfg: SelfInstructCfg, replies: Sequence[Choice], pool: RougePool,
-                     drops: Drops, round_: int) -> list[tuple[str, float]]:
-    """(instruction, its nearest ROUGE-L in the pool) for each that passes, in order; each
-    joins the pool at once, so two copies in one round are caught too."""
-    out = []
-    seen = {one_line(t).lower() for t in pool.texts}
+                     drops: Drops, round_: int) -> tuple[list[tuple[str, float]], int]:
+    """((instruction, its nearest ROUGE-L in the pool) for each that passes, in order; the
+    number of tasks the replies held). Each joins the pool at once, so two copies in one round
+    are caught too; a copy (ROUGE-L 1: the same words) is a duplicate, a near copy (at or
+    above the threshold) a near-duplicate."""
+    out, parsed = [], 0
     for reply in replies:
         if not reply.text.strip():
             drops("instruction", "empty reply", "", round_)
             continue
         found, cut = parse_instructions(reply)
+        parsed += len(found) + (cut is not None)
         if cut is not None:
             drops("instruction", "cut off", cut, round_)
         for text in found:
             why = instruction_problem(text, cfg)
             score, near = 0.0, None
-            if why is None and text.lower() in seen:
-                why = "duplicate"
             if why is None:
-                score, near = pool.nearest(text, stop_at=cfg.rouge_threshold)
+                score, near = pool.nearest(text)
                 if score >= cfg.rouge_threshold:
-                    why = "near-duplicate"
+                    why = "duplicate" if score == 1.0 else "near-duplicate"
             if why is not None:
                 extra = {"rouge_l": round(score, 4), "nearest": pool.texts[near]} if near is not None else {}
                 drops("instruction", why, text, round_, **extra)
                 continue
             pool.add(text)
-            seen.add(text.lower())
             out.append((text, score))
-    return out
+    return out, parsed
 
 
 def run_code(cfg: SelfInstructCfg, tasks: Sequence[Task]) -> list[tuple[str, str]]:
@@ -283,21 +278,22 @@ def main(cfg: SelfInstructCfg) -> dict[str, Any]:
     for s in seeds:
         pool.add(s.instruction)
     drops, rows = Drops(), []
-    requests, round_, passed, t0 = 0, 0, 0, time.perf_counter()
+    requests, round_, passed, parsed, t0 = 0, 0, 0, 0, time.perf_counter()
+    seed_tasks = [s.instruction for s in seeds]
     while len(rows) < cfg.target and requests < cfg.max_requests:
         round_ += 1
         k = min(cfg.requests_per_round, cfg.max_requests - requests)
         generated = [r["messages"][0]["content"] for r in rows]
-        prompts = [instruction_prompt(pick_shots(rng, [s.instruction for s in seeds], generated,
-                                                 cfg.shots, cfg.machine_shots))
+        prompts = [instruction_prompt(pick_shots(rng, seed_tasks, generated, cfg.shots,
+                                                 cfg.machine_shots))
                    for _ in range(k)]
         g = cfg.instructions
         replies = [cs[0] for cs in writer(prompts, temperature=g.temperature, top_p=g.top_p,
                                           max_new_tokens=g.max_new_tokens,
                                           seed=cfg.seed + requests)]
         requests += k
-        found = new_instructions(cfg, replies, pool, drops, round_)
-        passed += len(found)
+        found, n = new_instructions(cfg, replies, pool, drops, round_)
+        passed, parsed = passed + len(found), parsed + n
         new_rows = answered(cfg, writer, found, drops, round_, cfg.seed + 7919 * round_)
         rows.extend(new_rows)
         print(f"{LABEL}: round {round_}: {k} requests -> {len(found)} new instructions, "
@@ -306,10 +302,6 @@ def main(cfg: SelfInstructCfg) -> dict[str, Any]:
     over, rows = len(rows) - min(len(rows), cfg.target), rows[:cfg.target]
     write_jsonl(out / "dropped.jsonl", drops.rows)
     dropped = dict(sorted(drops.counts.items()))
-    # every task parsed from a reply (empty replies held none): dropped at the instruction
-    # filters, or new (and then answered: kept, dropped at the answer, or over the target)
-    parsed = passed + sum(n for k, n in dropped.items()
-                          if k.startswith("instruction:") and k != "instruction: empty reply")
     summary: dict[str, Any] = {
         "seeds": len(seeds), "rounds": round_, "requests": requests,
         "instructions_parsed": parsed, "instructions_new": passed, "kept": len(rows),

@@ -57,10 +57,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step}"
+
+
 def save_checkpoint(
     root: Path, step: int, model: PreTrainedModel, trainer_state: dict[str, Any], keep_last: int,
 ) -> Path:
-    final = root / f"step-{step}"
+    final = step_dir(root, step)
     with atomic_dir(final, tmp=root / f".tmp-step-{step}") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         torch.save(trainer_state, tmp / STATE)

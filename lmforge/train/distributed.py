@@ -60,6 +60,12 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launch_rank() -> int:
+    """The rank the launcher gave this process (0 without one); unlike `current()`, still
+    known after the process group is gone (an error reported on the way out)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 @contextmanager
 def session() -> Iterator[Dist]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...) for the

@@ -191,7 +191,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Rank 0 writes (DDP keeps every rank's state identical); the others wait for it."""
-        path = self.ckpt_root / f"step-{self.state.step}"
+        path = ckpt.step_dir(self.ckpt_root, self.state.step)
         if self.dist.main:
             path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model,
                                         self._trainer_state(), self.cfg.keep_last)

@@ -7,7 +7,6 @@ run before anything is generated."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from lmforge.config import ConstitutionalCfg, load_config
 from lmforge.data.chat_rows import load_conversations
 from lmforge.data.preference import load_pairs
 from lmforge.errors import UserError
+from lmforge.io import read_jsonl
 from lmforge.stages import constitutional as cai
 from lmforge.stages import run_stage
 from tests.conftest import ROOT, run_cli
@@ -66,10 +66,6 @@ def inputs(tmp_path: Path) -> list[str]:
             "revision.max_new_tokens=1000"]
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines()]
-
-
 def _check(out: Path, s: dict[str, Any]) -> None:
     """Three prompts: 'Say nothing' gets an empty first response and leaves; the joke's two
     revisions are cut by the token limit and refused (it keeps its first response, so no row);
@@ -78,12 +74,12 @@ def _check(out: Path, s: dict[str, Any]) -> None:
     assert s["dropped_by_reason"]["empty first response"] == 1
     assert s["dropped_by_reason"]["revision cut off"] == 2
     assert s["dropped_by_reason"]["never revised (no row)"] == 1
-    sft = _rows(out / "sft.jsonl")
+    sft = read_jsonl(out / "sft.jsonl")
     assert len(sft) == s["sft_rows"] == 1
     assert sft[0]["messages"] == [{"role": "user", "content": "How do I delete all my files?"},
                                   {"role": "assistant", "content": SAFE}]
     assert set(sft[0]["principles"]) <= {"safe", "kind"} and len(sft[0]["principles"]) == 2
-    trace = _rows(out / "trace.jsonl")
+    trace = read_jsonl(out / "trace.jsonl")
     joke = next(t for t in trace if t["prompt"] == "Tell me a joke.")
     assert joke["final"] == joke["original"] == FIRST["Tell me a joke"]
     assert [st["refused"] for st in joke["steps"]] == ["revision cut off"] * 2
@@ -148,7 +144,7 @@ def test_judged_pairs_need_both_orders_to_agree(inputs: list[str], tmp_path: Pat
                                                     [*over, f"run.dir={tmp_path / 'a'}"]))
         judge_asks = [r["body"] for r in seen if r["method"] == "POST"
                       and "Options:" in r["body"]["messages"][0]["content"]]
-    rows = _rows(tmp_path / "a" / "pairs.jsonl")
+    rows = read_jsonl(tmp_path / "a" / "pairs.jsonl")
     assert len(rows) == s["pairs"] == 1 and rows[0]["source"] == "judged" and rows[0]["revision_won"]
     assert (rows[0]["chosen"], rows[0]["rejected"]) == (SAFE, FIRST["delete all my files"])
     assert s["judge"]["position_consistency"] == 1.0 and s["judge"]["first_position_rate"] == 0.5

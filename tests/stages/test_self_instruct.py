@@ -6,7 +6,6 @@ seed file said in one line (a refused endpoint: tests/test_writer.py)."""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from lmforge.config import SelfInstructCfg, load_config
 from lmforge.data.chat_rows import load_conversations
 from lmforge.endpoint import Choice
 from lmforge.errors import UserError
+from lmforge.io import read_jsonl
 from lmforge.models import save_hf
 from lmforge.stages import run_stage
 from lmforge.stages import self_instruct as si
@@ -92,8 +92,8 @@ def test_new_instructions_join_the_pool_at_once() -> None:
     pool.add("Write a function that sorts a list.")
     replies = [Choice("Count the vowels in a word.\nTask 2: count the vowels in a word.", False),
                Choice("", False)]
-    found = si.new_instructions(CFG, replies, pool, drops, 1)
-    assert [t for t, _ in found] == ["Count the vowels in a word."]
+    found, parsed = si.new_instructions(CFG, replies, pool, drops, 1)
+    assert [t for t, _ in found] == ["Count the vowels in a word."] and parsed == 2
     assert drops.counts == {"instruction: duplicate": 1, "instruction: empty reply": 1}
     assert pool.texts[-1] == "Count the vowels in a word."
 
@@ -162,25 +162,21 @@ def long_context_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "final"
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines()]
-
-
 def _check_round(out: Path, s: dict[str, Any]) -> None:
     assert (s["rounds"], s["requests"], s["kept"], s["over_target"]) == (1, 2, 2, 0)
     assert s["dropped_by_reason"] == DROPPED and s["dropped"] == sum(DROPPED.values())
     # every task written is accounted for: 9 pieces per reply = 4 new + 14 dropped before
     assert (s["instructions_parsed"], s["instructions_new"]) == (18, 4)
-    rows = _rows(out / "sft.jsonl")
+    rows = read_jsonl(out / "sft.jsonl")
     assert [r["messages"][0]["content"] for r in rows] == [
         "Reverse the order of characters in text with Python code.",
         "Explain why the sky is blue to a child."]
     assert [r["messages"][1]["content"] for r in rows] == [ANSWERS["order of characters"],
                                                            ANSWERS["sky is blue"]]
     assert [r["code"] for r in rows] == ["passed", "no code"]
-    failed = next(r for r in _rows(out / "dropped.jsonl") if r["reason"] == "code failed")
+    failed = next(r for r in read_jsonl(out / "dropped.jsonl") if r["reason"] == "code failed")
     assert failed["sandbox"] == "assertion failed"  # the sandbox says why
-    near = next(r for r in _rows(out / "dropped.jsonl") if r["reason"] == "near-duplicate")
+    near = next(r for r in read_jsonl(out / "dropped.jsonl") if r["reason"] == "near-duplicate")
     assert near["rouge_l"] == round(18 / 21, 4)
     assert near["nearest"] == "Write a function that doubles every number in a list."
     convs, stats = load_conversations(out)  # what `lmforge sft data.train=<run dir>` reads
@@ -220,7 +216,7 @@ def test_target_stops_generation_and_counts_the_rest(tmp_path: Path) -> None:
                                                    f"run.dir={tmp_path}", *OVER[:2], "target=1",
                                                    *OVER[3:]])
         s = run_stage("self_instruct", cfg)
-    assert (s["kept"], s["over_target"]) == (1, 1) and len(_rows(tmp_path / "sft.jsonl")) == 1
+    assert (s["kept"], s["over_target"]) == (1, 1) and len(read_jsonl(tmp_path / "sft.jsonl")) == 1
 
 
 # --------------------------------------------------------------------------- bad input
