@@ -146,6 +146,12 @@ class TrainCfg(Cfg):
     # how SFT, DPO/KTO and GRPO load the policy: hf (transformers + peft) or unsloth
     # (FastLanguageModel: its 4-bit load, LoRA kernels and offloaded checkpointing; CUDA only)
     backend: Literal["hf", "unsloth"] = "hf"
+    # under torchrun: ddp (every rank holds the model; gradients all-reduced) or fsdp (FSDP2
+    # fully_shard per block, then the root: weights, gradients and AdamW states sharded, ZeRO-3)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp: free each block's gathered weights after its forward (ZeRO-3) or keep them until
+    # backward (false: ZeRO-2-like, one all-gather per step instead of two, more memory)
+    reshard_after_forward: bool = True
 
     @field_validator("resume")
     @classmethod

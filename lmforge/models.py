@@ -440,14 +440,15 @@ def _attach_adapter(model: PreTrainedModel, adapter_dir: Path, base: str | Path)
                         f"{str(e).splitlines()[0][:200]}") from None
 
 
-def adapter_export(method: str, path: str | Path | None, model: nn.Module,
+def adapter_export(method: str, path: str | Path | None,
                    tokenizer: PreTrainedTokenizerBase, adapters: list[str] | None = None) -> Any:
-    """What writes an adapter run's final/ (and best/): `export_peft` from the base at `path`;
-    None for full fine-tuning, whose model the loop saves as it is."""
+    """What writes an adapter run's final/ (and best/) from the model the loop hands it:
+    `export_peft` from the base at `path`; None for full fine-tuning, whose model the loop
+    saves as it is."""
     if method == "full":
         return None
     base = resolve_model_dir(path)  # type: ignore[arg-type]
-    return lambda out: export_peft(model, out, tokenizer, base, adapters)
+    return lambda model, out: export_peft(model, out, tokenizer, base, adapters)
 
 
 def export_peft(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase, base: str,

@@ -375,7 +375,7 @@ def test_best_adapter_final_is_exported_in_place(tmp_path: Path, windows) -> Non
     vals = iter([2.0, 1.0, 3.0])  # the best is the evaluation at step 2, not the last
     task.evaluate = lambda: {"val_loss": next(vals)}
     run = tmp_path / "run"
-    task.export = lambda out: export_peft(peft_model, out, tok, str(tmp_path / "base"))
+    task.export = lambda m, out: export_peft(m, out, tok, str(tmp_path / "base"))
     Trainer(train_cfg(max_steps=3, eval_every=1, final="best"), OPTIM, QUIET, run, peft_model,
             task, tok).run()
     conf = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())

@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lmforge.errors import UserError
 from lmforge.models import body_of, record_written, resolve_model_dir
+from lmforge.train import distributed
 
 RECORD = "prune.json"  # written next to the weights; recovery stages read it
 UNSTRUCTURED = ("magnitude", "wanda", "2:4")  # methods whose zeros a fine-tune must keep
@@ -463,8 +464,9 @@ class MaskKeeper:
         rec = {**self.record, "sparsity": total,
                "matrices": {n: {**self.record["matrices"][n], "sparsity": per[n]} for n in per},
                "recovered": [*self.record.get("recovered", []), {"stage": stage, "steps": steps}]}
-        (final_dir / RECORD).write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
-        record_written(final_dir)
+        if distributed.current().main:
+            (final_dir / RECORD).write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+            record_written(final_dir)
         return {"method": rec["method"], "sparsity_before": self.start, "sparsity_after": total}
 
 
@@ -485,11 +487,14 @@ def saved_zero_share(model_dir: Path, names: list[str]) -> dict[str, float]:
 
 
 def keep_zeros(task: Any, model: nn.Module, record: dict[str, Any] | None,
-               stage: str) -> MaskKeeper | None:
+               stage: str, parallel: str = "ddp") -> MaskKeeper | None:
     """Attach a MaskKeeper to a training stage's Task when `record` (from `masked_record`,
     read before the model loads) says the model's zeros must survive; None otherwise."""
     if record is None:
         return None
+    if parallel == "fsdp" and distributed.current().active:
+        raise UserError(f"train.parallel=fsdp: {stage} keeps a pruned model's zeros with masks "
+                        "over whole weight matrices, which FSDP shards; use train.parallel=ddp")
     keeper = MaskKeeper(model, record)
     task.after_step = keeper.after_step
     print(f"{stage}: {keeper.line()}")

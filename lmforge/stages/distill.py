@@ -362,9 +362,9 @@ def main(cfg: DistillCfg) -> dict[str, Any]:
                           precision.autocast)
     task = distill_task(cfg, student, teacher, train_b, val_b, vocab, engine, device)
     teacher_row, before = measure_start(cfg, student, teacher, task, tokenizer, fmt, splits, precision)
-    task.export = adapter_export(cfg.lora.method, cfg.model.path, student, tokenizer)
+    task.export = adapter_export(cfg.lora.method, cfg.model.path, tokenizer)
     # a student pruned with an unstructured method keeps its zeros (prune, then distill)
-    keeper = keep_zeros(task, student, pruned_rec, "distill")
+    keeper = keep_zeros(task, student, pruned_rec, "distill", cfg.train.parallel)
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, student, task, tokenizer)
     pruned = keeper.finish(res.final_dir, "distill", res.steps) if keeper is not None else None
 

@@ -44,6 +44,7 @@ from lmforge.stages.sft import (
     task_splits,
 )
 from lmforge.tokenizer import load_tokenizer
+from lmforge.train import distributed
 from lmforge.train.loop import Result, Task, train
 from lmforge.train.precision import Precision, make_precision
 from lmforge.train.reference import (
@@ -130,8 +131,9 @@ def setup_reference(cfg: PrefCfg, model: PreTrainedModel, tokenizer: PreTrainedT
                 for split, (b, ex) in data.items()}
     key = {"template": str(tokenizer.chat_template), "precision": precision.name,
            "seed": str(cfg.train.seed) if layout == "halves" else ""}  # KL partners are seeded
-    tables = cached_tables(source, datasets, layout, cfg.ref.cache_dir or cfg.run.dir / "ref_cache",
-                           key, device, precision.autocast, print)
+    for _ in distributed.main_first(distributed.current()):  # the others read rank 0's cache
+        tables = cached_tables(source, datasets, layout, cfg.ref.cache_dir or cfg.run.dir / "ref_cache",
+                               key, device, precision.autocast, print)
     what = f"ref.model {cfg.ref.model}" if explicit is not None else "the starting policy"
     del explicit  # nothing of the reference stays in memory while training
     return Reference(layout, tables=tables, how=f"{what}, precomputed once and cached")
@@ -218,7 +220,7 @@ def run_preference(cfg: PrefCfg, unpaired: bool,
           f"{len(val_ex):,} val examples, {train_b.epochs(cfg.train.max_steps, cfg.train.micro_batch_size, cfg.train.grad_accum):.2f} "
           f"epochs; reference: {ref.how if ref else 'none (reference-free loss)'}")
     task = make_task(model, train_b, val_b, ref, cfg, device)
-    task.export = adapter_export(cfg.lora.method, cfg.model.path, model, tokenizer)
+    task.export = adapter_export(cfg.lora.method, cfg.model.path, tokenizer)
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
     return {**info, "method": cfg.lora.method, "data": data_stats, **res.facts(),
             "reference": None if not needs_ref else cfg.ref.model or "starting policy",

@@ -109,7 +109,7 @@ def main(cfg: GrpoCfg) -> dict[str, Any]:
           f"{r.prompts_per_step} x {r.group_size} rollouts per round ({r.backend}); {variant}; "
           f"reference: {how}")
     task = grpo_task(cfg, model, rounds, ref, device, precision.autocast)
-    task.export = adapter_export(cfg.lora.method, cfg.model.path, model, tokenizer)
+    task.export = adapter_export(cfg.lora.method, cfg.model.path, tokenizer)
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
     dedupe_rounds(cfg.run.dir / ROLLOUTS)
     rows = [x for x in read_jsonl(cfg.run.dir / "metrics.jsonl") if "reward/mean" in x]

@@ -208,7 +208,7 @@ def main(cfg: PpoCfg) -> dict[str, Any]:
     print("memory (MiB): " + ", ".join(f"{k} {v:,.1f}" for k, v in memory.items()))
     models = Composite(actor=s.actor, critic=s.critic)
     task = ppo_task(cfg, models, s.rounds, s.device)
-    task.export = _exporter(cfg, s.actor, s.tokenizer)
+    task.export = _exporter(cfg, s.tokenizer)
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, models, task, s.tokenizer)  # type: ignore[arg-type]
     _save_critic(s.critic, cfg.run.dir / "critic", s.tokenizer)
     dedupe_rounds(s.rounds.log_path)
@@ -243,11 +243,12 @@ def _memory(cfg: PpoCfg, actor: nn.Module, critic: nn.Module, how: str) -> dict[
     return out
 
 
-def _exporter(cfg: PpoCfg, actor: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Any:
+def _exporter(cfg: PpoCfg, tokenizer: PreTrainedTokenizerBase) -> Any:
     """final/ (and best/) hold the actor alone, the model later stages evaluate and serve (the
     loop's own save would write the actor-critic pair); a shared critic's adapter stays out."""
-    return (adapter_export(cfg.lora.method, cfg.model.path, actor, tokenizer, ["default"])
-            or (lambda out: save_hf(actor, out, tokenizer)))
+    export = (adapter_export(cfg.lora.method, cfg.model.path, tokenizer, ["default"])
+              or (lambda m, out: save_hf(m, out, tokenizer)))
+    return lambda models, out: export(models.actor, out)
 
 
 def _save_critic(critic: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase) -> None:

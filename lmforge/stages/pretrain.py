@@ -79,7 +79,7 @@ def main(cfg: PretrainCfg) -> dict[str, Any]:
           f"{flops / 1e6:.1f} MFLOP/token")
     task = lm_task(model, train_w, val_w, cfg, device, flops)
     # from an unstructured-pruned model (its prune.json): a dense update would refill the zeros
-    keeper = keep_zeros(task, model, masked_record(cfg.model.path), "pretrain")
+    keeper = keep_zeros(task, model, masked_record(cfg.model.path), "pretrain", cfg.train.parallel)
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
     pruned = keeper.finish(res.final_dir, "pretrain", res.steps) if keeper is not None else None
 

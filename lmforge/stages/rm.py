@@ -53,6 +53,7 @@ from lmforge.models import (
 from lmforge.rl.rewards import LENGTH_FILE, STATS_FILE
 from lmforge.stages.dpo import load_examples, val_metrics
 from lmforge.stages.sft import load_tokenizer_and_format
+from lmforge.train import distributed
 from lmforge.train.loop import Task, train
 from lmforge.train.precision import Precision, make_precision
 
@@ -251,7 +252,7 @@ def rm_task(model: nn.Module, train_b: RewardBatches, val_b: RewardBatches, cfg:
                 tokens=lambda b: int(b["valid"].sum()),
                 evaluate=lambda: val_metrics(val_batches, pair_loss),
                 export=None if cfg.lora.method == "full"  # the loop's save_hf does
-                else lambda out: export_merged(model, out, tokenizer))
+                else lambda m, out: export_merged(m, out, tokenizer))
 
 
 # --------------------------------------------------------------------------- length bias
@@ -369,8 +370,11 @@ def main(cfg: RmCfg) -> dict[str, Any]:
                 rm_task(model, train_b, val_b, cfg, device, tokenizer), tokenizer)
     model.cpu()  # what is measured next is final/ as shipped, loaded from disk
     precision = make_precision(t.precision, device.type)
-    heldout, fit = measure_final(cfg, res.final_dir, train_b, val_b, device, precision)
-    print("rm: " + _line(heldout))
+    heldout: dict[str, Any] = {}
+    fit = None
+    if distributed.current().main:  # under torchrun, rank 0 measures and writes next to final/
+        heldout, fit = measure_final(cfg, res.final_dir, train_b, val_b, device, precision)
+        print("rm: " + _line(heldout))
     return {**info, "method": cfg.lora.method, "template": fmt.name, "added_tokens": added,
             "margin": cfg.margin, "data": data_stats, **res.facts(),
             "epochs": round(train_b.epochs(res.steps, t.micro_batch_size, t.grad_accum), 3),

@@ -314,8 +314,8 @@ def main(cfg: SftCfg) -> dict[str, Any]:
                                          cfg.eval.before_n)
 
     task = sft_task(model, train_b, val_b, cfg, device, general, tokenizer.pad_token_id, anchor)
-    task.export = adapter_export(cfg.lora.method, cfg.model.path, model, tokenizer)
-    keeper = keep_zeros(task, model, pruned_rec, "sft")
+    task.export = adapter_export(cfg.lora.method, cfg.model.path, tokenizer)
+    keeper = keep_zeros(task, model, pruned_rec, "sft", cfg.train.parallel)
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, model, task, tokenizer)
     pruned = keeper.finish(res.final_dir, "sft", res.steps) if keeper is not None else None
 

@@ -1,7 +1,8 @@
 """Atomic, exactly resumable checkpoints: an HF directory plus `trainer_state.pt`.
 
 A checkpoint is written into `.tmp-step-N/`, gets a `COMPLETE` mark, and only then is renamed
-to `step-N/`. Resume takes the newest `step-N/` that has the mark, so a run killed mid-write
+to `step-N/`. On several ranks the weights and optimizer are a `dcp/` directory of shards that
+every rank writes its part of (`torch.distributed.checkpoint`), loadable on any number of ranks. Resume takes the newest `step-N/` that has the mark, so a run killed mid-write
 falls back to the previous checkpoint instead of loading half a file.
 """
 
@@ -12,6 +13,7 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from lmforge.errors import UserError
-from lmforge.io import atomic_dir
+from lmforge.io import atomic_dir, replace_dir
 
 
 class CorruptCheckpoint(UserError):
@@ -32,6 +34,7 @@ class CorruptCheckpoint(UserError):
 
 COMPLETE = "COMPLETE"
 STATE = "trainer_state.pt"
+SHARDS = "dcp"  # a distributed checkpoint's weights and optimizer
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -67,11 +70,37 @@ def save_checkpoint(
     final = step_dir(root, step)
     with atomic_dir(final, tmp=root / f".tmp-step-{step}") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        torch.save(trainer_state, tmp / STATE)
-        (tmp / COMPLETE).write_text(f"{step}\n")
-        _fsync_dir(tmp)
+        _seal(tmp, step, trainer_state)
     _prune(root, keep_last)
     return final
+
+
+def save_sharded_checkpoint(root: Path, step: int, write_shards: Callable[[Path], None],
+                            trainer_state: dict[str, Any], keep_last: int, main: bool) -> Path:
+    """A checkpoint of several ranks: every rank calls this; each writes its shards through
+    `write_shards` (a collective), rank 0 the trainer state, the mark and the rename. The
+    directory must be one every rank sees (a shared filesystem across nodes)."""
+    from lmforge.train.distributed import barrier
+
+    final, tmp = step_dir(root, step), root / f".tmp-step-{step}"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    write_shards(tmp / SHARDS)
+    if main:
+        _seal(tmp, step, trainer_state)
+        replace_dir(tmp, final)
+        _prune(root, keep_last)
+    barrier()
+    return final
+
+
+def _seal(tmp: Path, step: int, trainer_state: dict[str, Any]) -> None:
+    """The trainer state and the COMPLETE mark, flushed before the rename publishes them."""
+    torch.save(trainer_state, tmp / STATE)
+    (tmp / COMPLETE).write_text(f"{step}\n")
+    _fsync_dir(tmp)
 
 
 class Composite(torch.nn.Module):
@@ -184,9 +213,17 @@ def _load_adapter(model: PreTrainedModel, ckpt: Path) -> None:
 
 def load_checkpoint(ckpt: Path, model: PreTrainedModel) -> dict[str, Any]:
     """Restore weights into `model`; return the trainer state (optimizer, scaler, RNG, step)."""
+    check_complete(ckpt)
+    load_weights(model, ckpt)
+    return read_state(ckpt)
+
+
+def check_complete(ckpt: Path) -> None:
     if not (ckpt / COMPLETE).exists() or not (ckpt / STATE).exists():
         raise UserError(f"not a complete checkpoint: {ckpt} (no {COMPLETE} mark or {STATE})")
-    load_weights(model, ckpt)
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
     try:
         return torch.load(ckpt / STATE, weights_only=True)  # type: ignore[no-any-return]
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:

@@ -10,14 +10,29 @@ its own contiguous share of grad_accum / world of them. Every rank knows every m
 weight (its loss tokens), so the weighted mean over the global batch needs no extra exchange:
 each rank scales its losses by weight / (total weight) x world, and DDP's mean over ranks
 turns that into the single-process gradient. Logging, checkpoints and exports are rank 0's.
+
+With `train.parallel: fsdp` the model is sharded instead of replicated: FSDP2's `fully_shard`
+on every transformer block (the classes the model names in `_no_split_modules`), then on the
+root, so each rank holds 1/world of the weights, gradients and AdamW states (ZeRO-3; with
+`reshard_after_forward: false` a block's gathered weights stay until its backward, ZeRO-2-like).
+On several ranks, checkpoints are `torch.distributed.checkpoint` directories: every rank writes
+its own shards, nothing is gathered, and any number of ranks (one included) can load them. The
+HF `final/` is written by rank 0 from the full weights gathered once, one tensor at a time, to
+its CPU memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import itertools
 import os
+import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -52,7 +67,12 @@ def current() -> Dist:
 
 # stages whose every write is rank 0's and whose data every rank reads alike; the others say
 # so in one line under torchrun
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "rm", "dpo", "kto", "distill")
+# stages that call their model through its forward, whose FSDP hooks gather the root's weights
+# (embeddings, head): rm and distill call the body and the head apart (logits in chunks, a
+# score), and the RL stages sample on each rank's own prompts, so their ranks would call the
+# model a different number of times, which weights gathered by all ranks together cannot serve
+FSDP_STAGES = ("pretrain", "sft", "dpo", "kto")
 
 
 def launched() -> bool:
@@ -79,15 +99,23 @@ def session() -> Iterator[Dist]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        yield current()
+        # one log: what a stage prints is rank 0's (errors and warnings, on stderr, are every
+        # rank's; a user error is printed by rank 0 alone, see cli.py)
+        with contextlib.redirect_stdout(open(os.devnull, "w") if dist.get_rank() else sys.stdout):
+            yield current()
     finally:
         dist.destroy_process_group()
 
 
-def check_stage(name: str) -> None:
-    if current().active and name not in STAGES:
+def check_stage(name: str, parallel: str = "ddp") -> None:
+    if not current().active:
+        return
+    if name not in STAGES:
         raise UserError(f"{name} cannot run on several processes yet (distributed: "
                         f"{', '.join(STAGES)}); run it without torchrun")
+    if parallel == "fsdp" and name not in FSDP_STAGES:
+        raise UserError(f"train.parallel=fsdp: {name} cannot shard its model (FSDP: "
+                        f"{', '.join(FSDP_STAGES)}); use train.parallel=ddp")
 
 
 def main_first(d: Dist) -> Iterator[None]:
@@ -123,6 +151,110 @@ def replicate(model: torch.nn.Module) -> torch.nn.Module:
 
     ddp(model)
     return model
+
+
+def fully_shard_blocks(model: torch.nn.Module, reshard_after_forward: bool,
+                      param_dtype: torch.dtype | None) -> torch.nn.Module:
+    """FSDP2 on `model`, in place: each transformer block its own unit (its weights gathered
+    just before it runs and freed after), then the root (embeddings, final norm, head). With a
+    `param_dtype` the gathered weights compute in it while the sharded masters, gradients'
+    reduction and AdamW stay fp32 (the mixed-precision policy). Returns the model's skeleton:
+    its structure on the meta device, into which rank 0 loads the gathered weights to export."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    quantized = [n for n, p in model.named_parameters() if type(p).__module__.startswith("bitsandbytes")]
+    if quantized:
+        raise UserError(f"train.parallel=fsdp cannot shard bitsandbytes-quantized weights "
+                        f"({quantized[0]}: QLoRA); use train.parallel=ddp, or lora.method=lora")
+    names = set(itertools.chain.from_iterable(getattr(m, "_no_split_modules", None) or ()
+                                              for m in model.modules()))
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise UserError(f"train.parallel=fsdp: {type(model).__name__} names no transformer "
+                        "blocks (_no_split_modules) to shard one by one; use train.parallel=ddp")
+    skeleton = _meta_copy(model)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32
+                                  if param_dtype is not None else None)
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    # the root's own weights (embeddings, head) are needed again at once by backward
+    fully_shard(model, reshard_after_forward=False, mp_policy=policy)
+    return skeleton
+
+
+def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy whose parameters are on the meta device (no memory); buffers, small and
+    never sharded (rotary frequencies), are copied as they are."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"),
+                                         requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on rank 0's CPU, gathered tensor by tensor (empty on the
+    other ranks); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
+def materialize(skeleton: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An unsharded model holding `state`, built from a skeleton (which stays on meta)."""
+    model = copy.deepcopy(skeleton)
+    uses: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # a tied weight: used in 2 places
+    for m in model.modules(remove_duplicate=False):
+        for name, p in m.named_parameters(recurse=False):
+            uses.setdefault(id(p), []).append((m, name))
+    model.load_state_dict(state, assign=True)
+    for places in uses.values():  # assign= gave each place its own tensor: tie them again
+        first_module, first_name = places[0]
+        for m, name in places[1:]:
+            setattr(m, name, getattr(first_module, first_name))
+    return model
+
+
+def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model and optimizer state keyed by parameter names, as shards where the model is
+    sharded: what DCP saves and loads whatever the number of ranks. Frozen weights (an
+    adapter run's base) are rebuilt from their source, as in a single-process checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": msd, "optim": osd}
+
+
+def save_sharded(d: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its own shards of `d` (replicated tensors once, by one rank)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(d))
+
+
+def load_sharded(d: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a DCP checkpoint written by any number of ranks into this run's model and
+    optimizer, resharded to this run's ranks (one process included)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _state_dicts(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=str(d))
+    # DCP gathers every rank's failure into one CheckpointException (a BaseException), raised
+    # on every rank alike: each leaves with the same line
+    except (CheckpointException, ValueError, RuntimeError, KeyError) as e:
+        why = next((ln.strip() for ln in str(e).splitlines()
+                    if any(w in ln for w in ("size", "shape", "Missing key", "missing"))),
+                   str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        why = re.sub(r"^\w+(Error|Exception): ", "", why)
+        raise UserError(f"checkpoint {d.parent} does not match the model ({why[:200]}); set "
+                        "train.resume=never to start over") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True))
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

@@ -44,9 +44,10 @@ class Task:
     tokens: Callable[[Batch], int] = lambda b: 0  # for tokens/s
     evaluate: Callable[[], dict[str, float]] | None = None  # must return "val_loss"
     flops_per_token: float = 0.0
-    # writes a loadable HF dir of the current weights (best/, final/); None: save_hf. Adapter
-    # runs use it to write the merged model next to the adapter.
-    export: Callable[[Path], None] | None = None
+    # writes a loadable HF dir of the weights `model` holds (best/, final/); None: save_hf.
+    # Adapter runs use it to write the merged model next to the adapter. The loop passes the
+    # model it trains, or under FSDP an unsharded copy that rank 0 filled from the shards.
+    export: Callable[[torch.nn.Module, Path], None] | None = None
     # run after each optimizer step, inside its timing: where a rollout engine receives the
     # new weights; what it returns joins the step's metrics row (e.g. the step's time split)
     after_step: Callable[[], dict[str, float]] | None = None
@@ -147,12 +148,10 @@ class Trainer:
         self.run_dir, self.model, self.task, self.tokenizer = run_dir, model, task, tokenizer
         self.device = next(model.parameters()).device
         self.precision: Precision = make_precision(cfg.precision, self.device.type)
-        # under torchrun: DDP on the model (in place) before the optimizer sees it; only rank
-        # 0 writes (metrics, checkpoints, exports), every rank trains its share of each step
+        # under torchrun: DDP or FSDP2 on the model (in place) before the optimizer sees it;
+        # only rank 0 writes (metrics, exports), every rank trains its share of each step
         self.dist = distributed.current()
-        if self.dist.active:
-            distributed.local_accum(cfg.grad_accum, self.dist.world)  # said before any step
-            distributed.replicate(model)
+        self._skeleton = self._parallelize() if self.dist.active else None
         # fused: one kernel per step instead of ~10 small ops per tensor (3x faster on CPU)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
@@ -167,6 +166,19 @@ class Trainer:
         # writes, so final/ must be exported, not copied from best/: the best trainable
         # weights are kept in memory for it (adapters: a small fraction of the model)
         self._best_trainable: dict[str, torch.Tensor] | None = None
+
+    def _parallelize(self) -> torch.nn.Module | None:
+        """DDP, or FSDP2 (returning the model's skeleton, to export from); said before any step."""
+        distributed.local_accum(self.cfg.grad_accum, self.dist.world)
+        if self.cfg.parallel == "ddp":
+            distributed.replicate(self.model)
+            return None
+        if self.precision.scaler is not None:
+            raise UserError("train.parallel=fsdp with train.precision=fp16: the loss scaler does "
+                            "not unscale sharded gradients here; use bf16 (FSDP's mixed-precision "
+                            "policy) or fp32")
+        low = DTYPES[self.precision.name] if self.precision.name != "fp32" else None
+        return distributed.fully_shard_blocks(self.model, self.cfg.reshard_after_forward, low)
 
     @property
     def max_steps(self) -> int:
@@ -183,25 +195,36 @@ class Trainer:
             "evals_since_best": s.evals_since_best, "nonfinite_in_row": s.nonfinite_in_row,
             "nonfinite_total": s.nonfinite_total, "train_time_s": s.train_time_s,
             "planned_steps": s.planned_steps, "budget": s.budget,
-            "optimizer": self.optimizer.state_dict(),
+            # several ranks: the optimizer is in the checkpoint's shards, by parameter name
+            "optimizer": None if self.dist.active else self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "rng": ckpt.rng_state(),
             "task": self.task.state() if self.task.state is not None else None,
         }
 
     def save(self) -> Path:
-        """Rank 0 writes (DDP keeps every rank's state identical); the others wait for it."""
-        path = ckpt.step_dir(self.ckpt_root, self.state.step)
-        if self.dist.main:
-            path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model,
-                                        self._trainer_state(), self.cfg.keep_last)
+        """One process: an HF directory and the trainer state. Several ranks: every rank
+        writes its shards of weights and optimizer (DCP), rank 0 the rest of the state."""
         if self.dist.active:
-            distributed.barrier()
-        return path
+            return ckpt.save_sharded_checkpoint(
+                self.ckpt_root, self.state.step,
+                lambda d: distributed.save_sharded(d, self.model, self.optimizer),
+                self._trainer_state(), self.cfg.keep_last, self.dist.main)
+        return ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model,
+                                    self._trainer_state(), self.cfg.keep_last)
 
     def _load(self, path: Path) -> None:
-        st = ckpt.load_checkpoint(path, self.model)
-        self.optimizer.load_state_dict(st["optimizer"])
+        if (path / ckpt.SHARDS).is_dir():  # written by several ranks: loads on any number
+            ckpt.check_complete(path)
+            st = ckpt.read_state(path)
+            distributed.load_sharded(path / ckpt.SHARDS, self.model, self.optimizer)
+        elif self._skeleton is not None:
+            raise UserError(f"train.resume: {path} is a single-process checkpoint (its optimizer "
+                            "state is by position), which sharded weights cannot load; resume it "
+                            "with train.parallel=ddp or on one process")
+        else:
+            st = ckpt.load_checkpoint(path, self.model)
+            self.optimizer.load_state_dict(st["optimizer"])
         if self.precision.scaler is not None and st["scaler"] is not None:
             self.precision.scaler.load_state_dict(st["scaler"])
         ckpt.set_rng_state(st["rng"])
@@ -311,7 +334,7 @@ class Trainer:
             scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad or math.inf,
                                               foreach=True)
-        norm_f = float(norm)
+        norm_f = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         if scaler is not None:
             before = scaler.get_scale()
             scaler.step(self.optimizer)  # skipped inside when the grads hold inf/nan
@@ -377,15 +400,19 @@ class Trainer:
         row["peak_mem_mb"] = peak_memory_mb(self.device)
         return row
 
-    def _export_final(self, out: Path) -> None:
-        if self.dist.main:
-            self.export(out)
-
     def export(self, out: Path) -> None:
+        """Every rank calls it: under FSDP the weights are gathered to rank 0, which writes."""
+        model: torch.nn.Module = self.model
+        if self._skeleton is not None:
+            state = distributed.full_state(self.model)
+            if self.dist.main:
+                model = distributed.materialize(self._skeleton, state)
+        if not self.dist.main:
+            return
         if self.task.export is not None:
-            self.task.export(out)
+            self.task.export(model, out)
         else:
-            save_hf(self.model, out, self.tokenizer)
+            save_hf(model, out, self.tokenizer)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ eval
 
@@ -414,8 +441,7 @@ class Trainer:
         if s.best_val is None or val < s.best_val:
             s.best_val, s.evals_since_best = val, 0
             if self.cfg.final == "best":
-                if self.dist.main:
-                    self.export(self.run_dir / "best")
+                self.export(self.run_dir / "best")
                 if self.task.export is not None:
                     self._best_trainable = {n: p.detach().clone() for n, p in
                                             self.model.named_parameters() if p.requires_grad}
@@ -540,11 +566,16 @@ class Trainer:
         return True
 
     def _finish(self, stopped: str, last: dict[str, Any]) -> Result:
-        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:  # e.g. an lr so large the weights overflowed while the loss still read finite
-            raise TrainingError(f"the trained weights hold non-finite values ({bad[0]} and "
-                                f"{len(bad) - 1} more); nothing was saved as final. Lower optim.lr "
-                                "or set train.precision=fp32")
+        bad = [n for n, p in self.model.named_parameters()  # FSDP: each rank its own shards
+               if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+        found = len(bad)
+        if self._skeleton is not None:  # every rank stops, or none does
+            found = int(distributed.all_sum([float(found)], self.device)[0])
+        if found:  # e.g. an lr so large the weights overflowed while the loss still read finite
+            first = bad[0] if bad else "all on other ranks' shards"
+            raise TrainingError(f"the trained weights hold non-finite values ({found} tensors, "
+                                f"{first} among them); nothing was saved as final. Lower "
+                                "optim.lr or set train.precision=fp32")
         if self.task.evaluate is not None and stopped != "early_stop":
             self.evaluate(ProgressLog("off", 0, 0, ""))
         self.save()
@@ -555,13 +586,13 @@ class Trainer:
                 for n, p in self.model.named_parameters():
                     if n in self._best_trainable:
                         p.copy_(self._best_trainable[n])
-            self._export_final(final)
+            self.export(final)
         elif self.cfg.final == "best" and best.exists():
             if self.dist.main:
                 with atomic_dir(final) as tmp:
                     shutil.copytree(best, tmp, dirs_exist_ok=True)
         else:
-            self._export_final(final)
+            self.export(final)
         if self.dist.active:
             distributed.barrier()  # final/ is written before any rank returns
         s = self.state

@@ -7,48 +7,57 @@ in one line."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from lmforge.config import OptimCfg
 from lmforge.data.pack import TokenWindows
+from lmforge.errors import UserError
 from lmforge.io import read_jsonl
 from lmforge.train.loop import Trainer
-from tests.conftest import QUIET, ROOT, SEQ, lm_task, micro_llama, run_cli, train_cfg
+from tests.conftest import QUIET, ROOT, SEQ, VOCAB, lm_task, micro_llama, run_cli, train_cfg
 
 MICRO, STEPS = 2, 3
 
 
-def _run(run_dir: Path, ids: Path, accum: int) -> Trainer:
-    model = micro_llama().double()
+def _run(run_dir: Path, ids: Path, parallel: str = "ddp", accum: int = 4, steps: int = STEPS,
+         model: torch.nn.Module | None = None) -> Trainer:
+    """The pretrain task, float64, on a global batch of 4 micro-batches whose last holds one
+    sequence, not two: ranks get shares of unequal size (an uneven last batch)."""
+    model = model if model is not None else micro_llama().double()
     windows = TokenWindows(ids, "uint16", SEQ)
-    cfg = train_cfg(max_steps=STEPS, micro_batch_size=MICRO, grad_accum=accum)
-    tr = Trainer(cfg, OptimCfg(lr=1e-3), QUIET, run_dir, model, lm_task(model, windows, MICRO, accum))
+    cfg = train_cfg(max_steps=steps, micro_batch_size=MICRO, grad_accum=accum, parallel=parallel,
+                    save_every=2, keep_last=3)
+    task = lm_task(model, windows, MICRO, accum)
+    even = task.batches
+    task.batches = lambda n: [*even(n)[:-1], even(n)[-1][:1]]
+    tr = Trainer(cfg, OptimCfg(lr=1e-3), QUIET, run_dir, model, task)
     tr.run()
     return tr
 
 
-def _rank(rank: int, world: int, rendezvous: str, run_dir: str, ids: str, accum: int) -> None:
+def _rank(rank: int, world: int, rendezvous: str, run_dir: str, ids: str, kw: dict) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world)
     try:
-        _run(Path(run_dir), Path(ids), accum)
+        _run(Path(run_dir), Path(ids), **kw)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path: Path, windows: TokenWindows, accum: int, name: str) -> Path:
-    run_dir = tmp_path / name
-    mp.spawn(_rank, args=(2, str(tmp_path / f"{name}.rdzv"), str(run_dir),
-                          str(windows.data.filename), accum), nprocs=2, join=True)
+def _spawn(run_dir: Path, ids: Path, **kw: Any) -> Path:
+    mp.spawn(_rank, args=(2, f"{run_dir}.rdzv", str(run_dir), str(ids), kw), nprocs=2, join=True)
     return run_dir
 
 
@@ -57,31 +66,82 @@ def _result(run_dir: Path) -> tuple[list[float], dict[str, Any]]:
     return losses, load_file(str(run_dir / "final" / "model.safetensors"))
 
 
-def test_ddp_on_two_ranks_equals_one_process(tmp_path: Path, windows: TokenWindows) -> None:
-    """Global batch 2 x 4 micro-batches: one process accumulates all four; each of two ranks
-    two, and DDP averages their gradients. The same eight sequences' gradients are summed in
-    another order, so they differ by rounding, ~8 * 2^-53 relative: losses are held to 1e-12,
-    and weights, which Adam moves by at most lr * d / eps = 1e-3 * 1e-14 / 1e-8 = 1e-9 a step
-    for a gradient difference d, to 1e-8 after 3 steps (the argument of
-    tests/train/test_loop.py's accumulation test)."""
-    _run(tmp_path / "one", Path(windows.data.filename), 4)
-    ddp = _spawn(tmp_path, windows, 4, "ddp")
-    (loss_1, w_1), (loss_2, w_2) = _result(tmp_path / "one"), _result(ddp)
-    assert len(loss_1) == STEPS and loss_2 == pytest.approx(loss_1, abs=1e-12)
-    assert max(float((w_1[k] - w_2[k]).abs().max()) for k in w_1) < 1e-8
-    # rank 0 alone wrote: one row per step, one checkpoint, one final/
-    assert [r["step"] for r in read_jsonl(ddp / "metrics.jsonl")] == [1, 2, 3]
-    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step-3"]
-    tokens = [r["tokens"] for r in read_jsonl(ddp / "metrics.jsonl")]
-    assert tokens[-1] == STEPS * MICRO * 4 * SEQ  # both ranks' tokens counted
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same 3 steps on one process, on 2 ranks with DDP and on 2 with FSDP (both
+    checkpointing at step 2), run once for the tests below."""
+    root = tmp_path_factory.mktemp("ranks")
+    ids = root / "train.bin"
+    np.random.default_rng(0).integers(0, VOCAB, size=5000).astype(np.uint16).tofile(ids)
+    _run(root / "one", ids)
+    return {"ids": ids, "one": root / "one", "ddp": _spawn(root / "ddp", ids),
+            "fsdp": _spawn(root / "fsdp", ids, parallel="fsdp")}
 
 
-def test_a_global_batch_two_ranks_cannot_split_is_one_line(tmp_path: Path,
-                                                           windows: TokenWindows) -> None:
+# The same sequences' gradients summed in another order (DDP: two shares all-reduced; FSDP:
+# reduce-scattered shards) differ by rounding, ~8 * 2^-53 relative: losses are held to 1e-12,
+# and weights, which Adam moves by at most lr * d / eps = 1e-3 * 1e-14 / 1e-8 = 1e-9 a step
+# for a gradient difference d, to 1e-8 after 3 steps (the argument of tests/train/test_loop.py's
+# accumulation test).
+LOSS_TOL, WEIGHT_TOL = 1e-12, 1e-8
+
+
+def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process(runs: dict[str, Path], parallel: str) -> None:
+    """Global batch of 4 micro-batches (7 sequences): one process accumulates all four; each
+    of two ranks two (4 sequences and 3), and DDP averages, or FSDP reduce-scatters, their
+    gradients. final/ of FSDP is gathered from the shards into a plain HF model."""
+    (loss_1, w_1), (loss_2, w_2) = _result(runs["one"]), _result(runs[parallel])
+    assert len(loss_1) == STEPS and loss_2 == pytest.approx(loss_1, abs=LOSS_TOL)
+    assert _max_diff(w_1, w_2) < WEIGHT_TOL
+    # rank 0 alone wrote: one row per step; checkpoints are sharded (dcp/), final/ is HF
+    assert [r["step"] for r in read_jsonl(runs[parallel] / "metrics.jsonl")] == [1, 2, 3]
+    assert sorted(p.name for p in (runs[parallel] / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    assert (runs[parallel] / "checkpoints" / "step-2" / "dcp" / ".metadata").exists()
+    tokens = [r["tokens"] for r in read_jsonl(runs[parallel] / "metrics.jsonl")]
+    assert tokens[-1] == STEPS * (MICRO * 3 + 1) * SEQ  # both ranks' tokens counted
+
+
+def _from_step_2(runs: dict[str, Path], name: str) -> Path:
+    """A copy of the FSDP run as if stopped after its step-2 checkpoint."""
+    d = runs["fsdp"].parent / name
+    shutil.copytree(runs["fsdp"], d)
+    shutil.rmtree(d / "checkpoints" / "step-3")
+    shutil.rmtree(d / "final")
+    return d
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one_and_on_two(runs: dict[str, Path]) -> None:
+    """The step-2 checkpoint the 2 FSDP ranks wrote (shards, no gather) resumes on one
+    process and on 2 ranks with DDP; step 3's loss and the final weights are the run's that
+    never stopped, to the bounds above."""
+    on_one = _run(_from_step_2(runs, "on_one"), runs["ids"])
+    on_two = _spawn(_from_step_2(runs, "on_two"), runs["ids"])
+    loss, weights = _result(runs["fsdp"])
+    for d in (on_one.run_dir, on_two):
+        loss_r, weights_r = _result(d)
+        assert loss_r == pytest.approx(loss, abs=LOSS_TOL)  # rows 1-2 kept, row 3 new
+        assert _max_diff(weights, weights_r) < WEIGHT_TOL
+
+
+def test_a_checkpoint_of_another_model_is_one_line(runs: dict[str, Path], tmp_path: Path) -> None:
+    d = _from_step_2(runs, "other")
+    other = micro_llama(vocab=VOCAB + 8).double()
+    with pytest.raises(UserError, match=r"^checkpoint .*step-2 does not match the model \(Size mismatch .*embed_tokens"):
+        _run(d, runs["ids"], model=other)
+
+
+def test_a_global_batch_two_ranks_cannot_split_is_one_line(runs: dict[str, Path]) -> None:
+    run_dir = runs["one"].parent / "odd"
     with pytest.raises(mp.ProcessRaisedException) as e:
-        _spawn(tmp_path, windows, 3, "odd")
+        _spawn(run_dir, runs["ids"], accum=3)
     assert "train.grad_accum=3 micro-batches cannot be split over 2 ranks" in str(e.value)
-    assert not (tmp_path / "odd" / "metrics.jsonl").exists()
+    assert not (run_dir / "metrics.jsonl").exists()
 
 
 def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -94,13 +154,14 @@ DDP_OVER = ["train.micro_batch_size=2", "train.grad_accum=2", "train.eval_every=
             "log.every=1", "log.progress=off"]
 
 
-def _two_ranks_and_one(tmp_path: Path, stage: str, over: list[str], steps: int) -> None:
+def _two_ranks_and_one(tmp_path: Path, stage: str, over: list[str], steps: int,
+                       ranks_only: tuple[str, ...] = ()) -> None:
     """The stage on 2 ranks (run.dir two/) and on 1 (one/): rank 0 alone wrote one row a
     step, and the first step's loss (the same weights on the same global batch of 2 x 2
     sequences, before any update) equals one process's up to fp32 summation order, a few ulps
     of a loss of a few nats: held to 1e-5 relative."""
     over = [*over, f"train.max_steps={steps}", *DDP_OVER]
-    r = _torchrun(tmp_path, stage, *over, f"run.dir={tmp_path / 'two'}")
+    r = _torchrun(tmp_path, stage, *over, *ranks_only, f"run.dir={tmp_path / 'two'}")
     assert r.returncode == 0, r.stderr[-3000:]
     one = run_cli(stage, *over, f"run.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-2000:]
@@ -120,24 +181,40 @@ def test_pretrain_under_torchrun_equals_one_process_at_step_1(tiny_run: Path, tm
     assert load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
 
 
-def test_sft_under_torchrun_equals_one_process_at_step_1(tiny_run: Path, tmp_path: Path) -> None:
-    """The held-out pass@1 before and after is computed on every rank alike, written once."""
+def test_sft_lora_under_fsdp_equals_one_process_at_step_1(tiny_run: Path, tmp_path: Path) -> None:
+    """LoRA adapters sharded with their blocks' frozen weights; the held-out pass@1 before and
+    after is computed on every rank alike (the sharded model's forward runs in lockstep),
+    written once; final/ (merged model and adapter) exported from the gathered weights."""
     _two_ranks_and_one(tmp_path, "sft", [
         str(ROOT / "configs/sft/tiny.yaml"), f"model.path={tiny_run / 'pretrain'}",
-        f"forgetting.general={tiny_run / 'corpus'}"], 2)
+        f"forgetting.general={tiny_run / 'corpus'}", "lora.method=lora"], 2, ("train.parallel=fsdp",))
     for when in ("before", "after"):  # one writer: as many rows as one process writes
         evals = {n: list(read_jsonl(tmp_path / n / f"eval_{when}.jsonl")) for n in ("one", "two")}
         assert len(evals["two"]) == len(evals["one"]) > 0
+    assert (tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "two" / "checkpoints" / "step-2" / "dcp" / ".metadata").exists()
 
 
-def test_a_stage_that_cannot_run_distributed_says_so_once(tiny_run: Path, tmp_path: Path) -> None:
-    r = _torchrun(tmp_path, "dpo", str(ROOT / "configs/dpo/tiny.yaml"),
-                  f"model.path={tiny_run / 'sft'}", f"data.train={tiny_run / 'pairs'}",
-                  f"run.dir={tmp_path / 'dpo'}")
+def test_dpo_under_fsdp_equals_one_process_at_step_1(tiny_run: Path, tmp_path: Path) -> None:
+    """The reference log-probs are computed and cached by rank 0, read by rank 1."""
+    _two_ranks_and_one(tmp_path, "dpo", [
+        str(ROOT / "configs/dpo/tiny.yaml"), f"model.path={tiny_run / 'sft'}",
+        f"data.train={tiny_run / 'pairs'}"], 2, ("train.parallel=fsdp",))
+    assert len(list((tmp_path / "two" / "ref_cache").glob("ref-*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("stage, over, says", [
+    ("grpo", [], "grpo cannot run on several processes yet"),
+    ("rm", ["train.parallel=fsdp"], "train.parallel=fsdp: rm cannot shard its model")])
+def test_a_stage_that_cannot_run_so_says_so_once(tiny_run: Path, tmp_path: Path, stage: str,
+                                                 over: list[str], says: str) -> None:
+    data = [f"data.train={tiny_run / 'pairs'}"] if stage == "rm" else []
+    r = _torchrun(tmp_path, stage, str(ROOT / f"configs/{stage}/tiny.yaml"),
+                  f"model.path={tiny_run / 'sft'}", *data, f"run.dir={tmp_path / stage}", *over)
     assert r.returncode != 0
-    lines = [x for x in r.stderr.splitlines() if x.startswith("lmforge dpo: error:")]
-    assert len(lines) == 1 and "dpo cannot run on several processes yet" in lines[0]
-    assert not (tmp_path / "dpo" / "summary.json").exists()
+    lines = [x for x in r.stderr.splitlines() if x.startswith(f"lmforge {stage}: error:")]
+    assert len(lines) == 1 and says in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / stage / "summary.json").exists()
 
 
 def _rank_pids(tag: str) -> dict[int, int]:
