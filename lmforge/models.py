@@ -9,6 +9,7 @@ and a base it loads on (`export_peft`). Every directory lmforge writes lists its
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -269,6 +270,19 @@ def body_of(model: nn.Module) -> nn.Module:
     injected in place), whose `base_model_prefix` names its body (`model`, `transformer`)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(inner, inner.base_model_prefix)  # type: ignore[no-any-return]
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """(R, T, d) the body's last hidden states (after its final norm), for a head applied apart
+    (logits in chunks, a score on chosen positions). Through the model's own forward, not the
+    body's: under DDP and FSDP the root's forward hooks are what make the backward average
+    gradients over the ranks and gather the root's weights. Its own head runs on one position
+    only (logits_to_keep), where the model supports it."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                output_hidden_states=True, **keep)
+    return out.hidden_states[-1]  # type: ignore[no-any-return]
 
 
 def plain_head(model: nn.Module) -> nn.Module | None:

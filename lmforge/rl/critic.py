@@ -26,8 +26,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmforge.chat import ChatFormat
 from lmforge.config import LoraCfg, ModelCfg, RmCfg, TrainCfg
 from lmforge.errors import UserError
-from lmforge.models import body_of
-from lmforge.stages.rm import init_head, load_reward_model, reward_parts
+from lmforge.models import final_hidden
+from lmforge.stages.rm import init_head, load_reward_model, score_head
 
 Batch = dict[str, torch.Tensor]
 ADAPTER = "critic"
@@ -127,13 +127,11 @@ def completion_values(critic: nn.Module, b: Batch) -> torch.Tensor:
     order = torch.argsort(b["seq_ids"][sel], stable=True)
     if isinstance(critic, SharedCritic):
         with adapter(critic.peft, ADAPTER, critic.trainable):
-            hidden = body_of(critic.peft)(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                                          use_cache=False).last_hidden_state  # (R, T, d)
+            hidden = final_hidden(critic.peft, b["input_ids"], b["position_ids"])  # (R, T, d)
         head: nn.Module = critic.head
     else:
-        body, head = reward_parts(critic)
-        hidden = body(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                      use_cache=False).last_hidden_state
+        head = score_head(critic)
+        hidden = final_hidden(critic, b["input_ids"], b["position_ids"])
     flat = head(hidden[sel][order]).squeeze(-1).float()  # (n_tokens,)
     mask = b["completion_mask"].bool()
     return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)

@@ -28,12 +28,13 @@ from lmforge.errors import UserError
 from lmforge.eval.harness import Generator
 from lmforge.losses.lm import token_logps
 from lmforge.losses.policy import token_entropy
-from lmforge.models import body_of, load_model, plain_head
+from lmforge.models import final_hidden, load_model, plain_head
 from lmforge.rl.advantages import group_advantages, rloo_advantages, whiten
 from lmforge.rl.config import OnlineRlCfg
 from lmforge.rl.log import ROLLOUTS
 from lmforge.rl.rewards import Answer, Env, check_reward_models, score_rollouts
 from lmforge.rl.rollout import Engine, Rollouts, SamplingCfg, make_engine
+from lmforge.train import distributed
 from lmforge.train.reference import live_reference
 
 Batch = dict[str, torch.Tensor]
@@ -118,7 +119,7 @@ class Rounds:
         return int(perm[i % n])
 
     def make(self, k: int) -> Round:
-        cfg, G, P = self.cfg, self.cfg.rollout.group_size, self.cfg.rollout.prompts_per_step
+        cfg, P = self.cfg, self.cfg.rollout.prompts_per_step
         t_gen = t_rew = 0.0
         kept: list[Group] = []
         last: list[Group] = []
@@ -127,19 +128,8 @@ class Rounds:
         refill_rng = random.Random(f"{cfg.train.seed}/{k}/refill")
         extra = getattr(cfg, "dynamic_sampling_rounds", 0)  # GRPO's; PPO samples once
         for attempt in range(1 + extra):
-            t0 = time.perf_counter()
-            seed = np.random.SeedSequence([cfg.train.seed, k, attempt]).generate_state(1)[0]
-            g = torch.Generator().manual_seed(int(seed))
-            ro = self.engine.generate([self.prompts[i] for i in picks for _ in range(G)],
-                                      self.sampling, g)
-            t1 = time.perf_counter()
-            answers = [Answer(self.items[picks[j // G]], ro.texts[j], int(ro.mask[j].sum()))
-                       for j in range(len(ro.texts))]
-            total, parts = score_rollouts(cfg.rewards, answers, self.env)
-            t_gen, t_rew = t_gen + t1 - t0, t_rew + time.perf_counter() - t1
-            last = [Group(item, ro.rows(range(q * G, (q + 1) * G)), total[q * G:(q + 1) * G],
-                          {kk: v[q * G:(q + 1) * G] for kk, v in parts.items()})
-                    for q, item in enumerate(picks)]
+            last, dt_gen, dt_rew = self._draw(k, attempt, picks)
+            t_gen, t_rew = t_gen + dt_gen, t_rew + dt_rew
             for group in last:
                 if extra and not group.signal:
                     dropped += 1
@@ -155,6 +145,33 @@ class Rounds:
                             "groups/dropped": float(dropped), "groups/refills": float(refills),
                             "groups/kept": float(len(kept[:P]) if kept else 0)})
         return rnd
+
+    def _draw(self, k: int, attempt: int, picks: list[int]) -> tuple[list[Group], float, float]:
+        """G rollouts of each picked prompt, scored: (groups in `picks` order, generation
+        seconds, reward seconds). Under torchrun each rank samples and scores its own share of
+        the prompts (its seed also its rank's) and every rank receives all the groups, so
+        advantages and micro-batches are the same on every rank."""
+        G, d = self.cfg.rollout.group_size, distributed.current()
+        mine = distributed.part(picks, d) if d.active else picks
+        t0 = time.perf_counter()
+        seed = np.random.SeedSequence([self.cfg.train.seed, k, attempt, *([d.rank] if d.active else [])])
+        g = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
+        groups: list[Group] = []
+        t1 = t0
+        if mine:
+            ro = self.engine.generate([self.prompts[i] for i in mine for _ in range(G)],
+                                      self.sampling, g)
+            t1 = time.perf_counter()
+            answers = [Answer(self.items[mine[j // G]], ro.texts[j], int(ro.mask[j].sum()))
+                       for j in range(len(ro.texts))]
+            total, parts = score_rollouts(self.cfg.rewards, answers, self.env)
+            groups = [Group(item, ro.rows(range(q * G, (q + 1) * G)), total[q * G:(q + 1) * G],
+                            {kk: v[q * G:(q + 1) * G] for kk, v in parts.items()})
+                      for q, item in enumerate(mine)]
+        t2 = time.perf_counter()
+        if d.active:
+            groups = distributed.gather(groups)
+        return groups, t1 - t0, t2 - t1
 
     def _batch(self, k: int, groups: list[Group]) -> Round:
         cfg, G = self.cfg, self.cfg.rollout.group_size
@@ -172,7 +189,10 @@ class Rounds:
 
     def _log(self, k: int, groups: list[Group], ro: Rollouts, rewards: torch.Tensor,
              adv: torch.Tensor) -> None:
-        """Every rollout of the round, for reading what the policy wrote and what it earned."""
+        """Every rollout of the round, for reading what the policy wrote and what it earned
+        (rank 0 writes: every rank holds every rollout)."""
+        if not distributed.current().main:
+            return
         G = self.cfg.rollout.group_size
         with self.log_path.open("a", encoding="utf-8") as f:
             for j in range(len(rewards)):
@@ -226,8 +246,7 @@ def completion_logps(model: torch.nn.Module, b: Batch, temperature: float,
     order = torch.argsort(b["seq_ids"][sel], stable=True)  # sequence by sequence, in order
     head = plain_head(model)
     if head is not None:  # the output layer on completion positions only (~40% are prompt)
-        hidden = body_of(model)(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                                use_cache=False).last_hidden_state  # (R, T, d)
+        hidden = final_hidden(model, b["input_ids"], b["position_ids"])  # (R, T, d)
         flat = head(hidden[sel][order])  # (n_tokens, V)
     else:
         flat = lm_logits(model, b)[sel][order]  # (n_tokens, V): completion positions only
@@ -258,7 +277,8 @@ class Cursor:
 
     def batches(self, step: int) -> list[Batch]:
         if self.fresh:  # not resumed: nothing an earlier run logged may mix in
-            self.rounds.log_path.unlink(missing_ok=True)
+            if distributed.current().main:
+                self.rounds.log_path.unlink(missing_ok=True)
             self.fresh = False
         k = step // self.mu
         if self.round is None or self.round.index != k:

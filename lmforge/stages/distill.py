@@ -32,9 +32,9 @@ from lmforge.errors import UserError
 from lmforge.losses.distill import Head, distill_loss
 from lmforge.models import (
     adapter_export,
-    body_of,
     config_summary,
     enable_checkpointing,
+    final_hidden,
     load_model,
     plain_head,
     resolve_model_dir,
@@ -166,8 +166,7 @@ def features(model: nn.Module, b: Batch, vocab: int) -> tuple[torch.Tensor, Head
     head = plain_head(model)
     if head is None:
         return lm_logits(model, b), lambda x: x[..., :vocab]
-    hidden = body_of(model)(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                            use_cache=False).last_hidden_state
+    hidden = final_hidden(model, b["input_ids"], b["position_ids"])
     return hidden, lambda x: head(x)[..., :vocab]
 
 

@@ -41,11 +41,11 @@ from lmforge.losses.preference import bt_loss
 from lmforge.models import (
     WRITTEN,
     add_rows_for_new_tokens,
-    body_of,
     check_targets,
     config_summary,
     disable_dropout,
     enable_checkpointing,
+    final_hidden,
     record_written,
     resolve_model_dir,
     save_hf,
@@ -145,21 +145,19 @@ def apply_reward_lora(model: PreTrainedModel, cfg: RmCfg, new_token_ids: list[in
     return get_peft_model(model, conf)  # type: ignore[return-value]
 
 
-def reward_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(transformer body, score head) of a sequence-classification model or its peft wrapper."""
+def score_head(model: nn.Module) -> nn.Module:
+    """The score head of a sequence-classification model or its peft wrapper."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return body_of(model), inner.score
+    return inner.score  # type: ignore[no-any-return]
 
 
 def sequence_rewards(model: nn.Module, b: Batch) -> torch.Tensor:
     """One reward per sequence of a `collate_whole` batch: (S,), in the batch's sequence order.
     use_cache=False: with a cache present transformers skips the packed-sequence detection
     (position ids restarting at 0), and sequences in a row would attend to each other."""
-    body, head = reward_parts(model)
-    hidden = body(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                  use_cache=False).last_hidden_state  # (R, T, d)
+    hidden = final_hidden(model, b["input_ids"], b["position_ids"])  # (R, T, d)
     last = hidden.flatten(0, 1)[b["last"]]  # (S, d)
-    return head(last).squeeze(-1).float()  # (S,)
+    return score_head(model)(last).squeeze(-1).float()  # (S,)
 
 
 def export_merged(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -67,12 +67,11 @@ def current() -> Dist:
 
 # stages whose every write is rank 0's and whose data every rank reads alike; the others say
 # so in one line under torchrun
-STAGES = ("pretrain", "sft", "rm", "dpo", "kto", "distill")
-# stages that call their model through its forward, whose FSDP hooks gather the root's weights
-# (embeddings, head): rm and distill call the body and the head apart (logits in chunks, a
-# score), and the RL stages sample on each rank's own prompts, so their ranks would call the
-# model a different number of times, which weights gathered by all ranks together cannot serve
-FSDP_STAGES = ("pretrain", "sft", "dpo", "kto")
+STAGES = ("pretrain", "sft", "rm", "dpo", "kto", "distill", "grpo")
+# stages whose model FSDP can shard: the RL stages sample on each rank's own prompts, so their
+# ranks call the model a different number of times, which weights gathered by all ranks
+# together (every forward a collective) cannot serve
+FSDP_STAGES = ("pretrain", "sft", "rm", "dpo", "kto", "distill")
 
 
 def launched() -> bool:
@@ -129,27 +128,38 @@ def main_first(d: Dist) -> Iterator[None]:
         yield
 
 
-def local_accum(grad_accum: int, world: int) -> int:
-    """Micro-batches per rank per step; the global batch must split evenly."""
-    if grad_accum % world:
-        raise UserError(f"train.grad_accum={grad_accum} micro-batches cannot be split over "
-                        f"{world} ranks: the global batch (micro_batch_size x grad_accum) is "
-                        f"the same on any number of ranks, so grad_accum must be a multiple of "
-                        f"{world} (or run on fewer ranks)")
-    return grad_accum // world
+def local_accum(micro_batches: int, world: int, what: str = "") -> int:
+    """Micro-batches per rank per step; the global batch must split evenly. `what` names
+    where the count comes from when it is not train.grad_accum (RL: the rollouts)."""
+    if micro_batches % world:
+        source = what or (f"train.grad_accum={micro_batches}: the global batch (micro_batch_size "
+                          "x grad_accum) is the same on any number of ranks, so grad_accum")
+        raise UserError(f"{micro_batches} micro-batches a step cannot be split over {world} "
+                        f"ranks ({source} must be a multiple of {world}); run on fewer ranks")
+    return micro_batches // world
 
 
-def share(micro: Sequence[T], d: Dist) -> list[T]:
-    """This rank's contiguous share of a step's micro-batches."""
-    k = local_accum(len(micro), d.world)
-    return list(micro[d.rank * k:(d.rank + 1) * k])
+def share(micro: Sequence[T], weights: Sequence[float], d: Dist) -> tuple[list[T], list[float], int]:
+    """This rank's contiguous share of a step's micro-batches and their weights. A step with
+    fewer than its planned micro-batches (an RL round whose dynamic sampling fell short) is
+    padded to a multiple of the ranks with weight-0 repeats of its last micro-batch: every rank
+    must run as many backwards (each an all-reduce), and a weight of 0 adds nothing. The
+    third value: how many of the share are real (the pads come last)."""
+    n, pad = len(micro), -len(micro) % d.world
+    micro, weights = [*micro, *[micro[-1]] * pad], [*weights, *[0.0] * pad]
+    k = len(micro) // d.world
+    lo = d.rank * k
+    return micro[lo:lo + k], weights[lo:lo + k], max(0, min(k, n - lo))
 
 
 def replicate(model: torch.nn.Module) -> torch.nn.Module:
     """DDP on `model`, in place: its gradients are averaged over the ranks in backward."""
     from torch.distributed._composable.replicate import replicate as ddp
 
-    ddp(model)
+    # no buffer broadcast: the buffers here (rotary frequencies) never change, and the
+    # broadcast would be a collective in every forward, hanging ranks that sample their own
+    # prompts (a different number of forward calls each)
+    ddp(model, broadcast_buffers=False)
     return model
 
 
@@ -255,6 +265,23 @@ def load_sharded(d: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True))
+
+
+def part(items: Sequence[T], d: Dist) -> list[T]:
+    """This rank's contiguous part of `items`, the parts as equal as they can be (some may be
+    empty): e.g. the prompts of an RL round, each rank sampling its own."""
+    n = len(items)
+    return list(items[d.rank * n // d.world:(d.rank + 1) * n // d.world])
+
+
+def gather(mine: list[T]) -> list[T]:
+    """Every rank's list, concatenated in rank order, on every rank (pickled: rollouts and
+    their rewards, small next to a step's tensors)."""
+    import torch.distributed as dist
+
+    box: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, mine)
+    return [x for part in box for x in part]
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

@@ -55,6 +55,9 @@ class Task:
     # of rollouts a run with several passes per batch is in the middle of); in every checkpoint
     state: Callable[[], dict[str, Any]] | None = None
     load_state: Callable[[dict[str, Any]], None] | None = None
+    # micro-batches a step holds when it is not train.grad_accum, and what sets it (RL: the
+    # rollouts a round samples over train.micro_batch_size): what ranks must split evenly
+    micro_batches: tuple[int, str] | None = None
 
 
 @dataclass
@@ -169,7 +172,8 @@ class Trainer:
 
     def _parallelize(self) -> torch.nn.Module | None:
         """DDP, or FSDP2 (returning the model's skeleton, to export from); said before any step."""
-        distributed.local_accum(self.cfg.grad_accum, self.dist.world)
+        count, what = self.task.micro_batches or (self.cfg.grad_accum, "")
+        distributed.local_accum(count, self.dist.world, what)
         if self.cfg.parallel == "ddp":
             distributed.replicate(self.model)
             return None
@@ -300,15 +304,15 @@ class Trainer:
     def _micro_steps(self, micro: list[Batch]) -> tuple[float, dict[str, float], int]:
         weights = [float(self.task.weight(b)) for b in micro]
         total = sum(weights) or 1.0  # the global batch's: every rank sees every micro-batch
-        ranks = 1.0
+        ranks, real = 1.0, len(micro)
         if self.dist.active:  # this rank's share; x ranks undoes DDP's mean over them
-            weights, micro = distributed.share(weights, self.dist), distributed.share(micro, self.dist)
+            micro, weights, real = distributed.share(micro, weights, self.dist)
             ranks = float(self.dist.world)
         scaler = self.precision.scaler
         loss_sum: torch.Tensor | None = None  # summed on the device: one read per step
         metrics: dict[str, float] = {}
         tokens = 0
-        for b, w in zip(micro, weights):
+        for i, (b, w) in enumerate(zip(micro, weights)):
             with self.precision.autocast():
                 loss, m = self.task.step(b)
             scaled = loss * (w / total)
@@ -317,7 +321,7 @@ class Trainer:
             loss_sum = scaled.detach() if loss_sum is None else loss_sum + scaled.detach()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) * w / total
-            tokens += self.task.tokens(b)
+            tokens += self.task.tokens(b) if i < real else 0  # not a pad's (see share)
         loss_f = float(loss_sum) if loss_sum is not None else 0.0
         if self.dist.active:  # each rank summed its share of the global weighted mean
             keys = sorted(metrics)

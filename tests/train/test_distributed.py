@@ -107,6 +107,39 @@ def test_two_ranks_equal_one_process(runs: dict[str, Path], parallel: str) -> No
     assert tokens[-1] == STEPS * (MICRO * 3 + 1) * SEQ  # both ranks' tokens counted
 
 
+def _grads_averaged(rank: int, world: int, rendezvous: str) -> None:
+    """Each rank's own batch through the model's forward (logits) and through `final_hidden`
+    with the head applied apart (the RL, reward-model and distillation stages' way): after
+    backward every rank holds the mean of the ranks' gradients, which it checks against its
+    own all-reduce of them."""
+    import torch.distributed as dist
+
+    from lmforge.models import final_hidden
+    from lmforge.train import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        for way in ("forward", "final_hidden"):
+            model = distributed.replicate(micro_llama().double())
+            x = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(rank))
+            pos = torch.arange(SEQ).repeat(2, 1)
+            logits = (model(input_ids=x, position_ids=pos).logits if way == "forward"
+                      else model.lm_head(final_hidden(model, x, pos)))
+            logits.logsumexp(-1).mean().backward()
+            for name, p in model.named_parameters():
+                own = p.grad.clone()
+                dist.all_reduce(own)  # the sum of what each rank now holds: world x the mean
+                assert torch.allclose(own / world, p.grad, rtol=0, atol=1e-12), (way, name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_are_averaged_however_a_stage_calls_the_model(tmp_path: Path) -> None:
+    """DDP averages in backward only what went through the root's forward hooks: a body
+    called directly would leave each rank on its own gradients, silently."""
+    mp.spawn(_grads_averaged, args=(2, str(tmp_path / "rdzv")), nprocs=2, join=True)
+
+
 def _from_step_2(runs: dict[str, Path], name: str) -> Path:
     """A copy of the FSDP run as if stopped after its step-2 checkpoint."""
     d = runs["fsdp"].parent / name
@@ -140,7 +173,7 @@ def test_a_global_batch_two_ranks_cannot_split_is_one_line(runs: dict[str, Path]
     run_dir = runs["one"].parent / "odd"
     with pytest.raises(mp.ProcessRaisedException) as e:
         _spawn(run_dir, runs["ids"], accum=3)
-    assert "train.grad_accum=3 micro-batches cannot be split over 2 ranks" in str(e.value)
+    assert "3 micro-batches a step cannot be split over 2 ranks (train.grad_accum=3" in str(e.value)
     assert not (run_dir / "metrics.jsonl").exists()
 
 
@@ -203,14 +236,34 @@ def test_dpo_under_fsdp_equals_one_process_at_step_1(tiny_run: Path, tmp_path: P
     assert len(list((tmp_path / "two" / "ref_cache").glob("ref-*.safetensors"))) == 2
 
 
+def test_grpo_under_torchrun_samples_each_ranks_prompts_and_gathers_rewards(
+        tiny_run: Path, tmp_path: Path) -> None:
+    """Each rank samples its share of a round's prompts and every rank receives all the
+    groups: rank 0 logs each round's P x G rollouts once, of the prompts one process picks for
+    that round, and the step's reward/mean is the mean over all of them."""
+    over = [str(ROOT / "configs/grpo/tiny.yaml"), f"model.path={tiny_run / 'sft'}",
+            "train.max_steps=2", "train.micro_batch_size=2", "log.every=1", "log.progress=off"]
+    r = _torchrun(tmp_path, "grpo", *over, f"run.dir={tmp_path / 'two'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_cli("grpo", *over, f"run.dir={tmp_path / 'one'}").returncode == 0
+    logged = {n: list(read_jsonl(tmp_path / n / "rollouts.jsonl")) for n in ("one", "two")}
+    rows = [x for x in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "reward/mean" in x]
+    for k in range(2):
+        two = [x for x in logged["two"] if x["round"] == k]
+        assert len(two) == 2 * 4  # prompts_per_step x group_size, written once
+        assert sorted(x["task_id"] for x in two) == sorted(
+            x["task_id"] for x in logged["one"] if x["round"] == k)
+        assert rows[k]["reward/mean"] == pytest.approx(sum(x["reward"] for x in two) / len(two),
+                                                       abs=1e-12)
+
+
 @pytest.mark.parametrize("stage, over, says", [
-    ("grpo", [], "grpo cannot run on several processes yet"),
-    ("rm", ["train.parallel=fsdp"], "train.parallel=fsdp: rm cannot shard its model")])
+    ("ppo", [], "ppo cannot run on several processes yet"),
+    ("grpo", ["train.parallel=fsdp"], "train.parallel=fsdp: grpo cannot shard its model")])
 def test_a_stage_that_cannot_run_so_says_so_once(tiny_run: Path, tmp_path: Path, stage: str,
                                                  over: list[str], says: str) -> None:
-    data = [f"data.train={tiny_run / 'pairs'}"] if stage == "rm" else []
     r = _torchrun(tmp_path, stage, str(ROOT / f"configs/{stage}/tiny.yaml"),
-                  f"model.path={tiny_run / 'sft'}", *data, f"run.dir={tmp_path / stage}", *over)
+                  f"model.path={tiny_run / 'sft'}", f"run.dir={tmp_path / stage}", *over)
     assert r.returncode != 0
     lines = [x for x in r.stderr.splitlines() if x.startswith(f"lmforge {stage}: error:")]
     assert len(lines) == 1 and says in lines[0], r.stderr[-2000:]
