@@ -55,7 +55,7 @@ def run_stage(name: str, cfg: C.Cfg) -> dict[str, Any]:
     from lmforge.train import distributed
 
     out: Path = cfg.run.dir  # type: ignore[attr-defined]
-    distributed.check_stage(name, getattr(getattr(cfg, "train", None), "parallel", "ddp"))
+    distributed.check_stage(name, cfg)
     check_inputs(cfg)
     check_run_dir(out, name)
     d = distributed.current()  # under torchrun: rank 0 writes the stage's own files

@@ -106,15 +106,25 @@ def session() -> Iterator[Dist]:
         dist.destroy_process_group()
 
 
-def check_stage(name: str, parallel: str = "ddp") -> None:
+def check_stage(name: str, cfg: Any) -> None:
+    """Under torchrun: whether stage `name` with config `cfg` can run, else one line."""
     if not current().active:
         return
+    train = getattr(cfg, "train", None)
+    parallel = getattr(train, "parallel", "ddp")
     if name not in STAGES:
         raise UserError(f"{name} cannot run on several processes yet (distributed: "
                         f"{', '.join(STAGES)}); run it without torchrun")
     if parallel == "fsdp" and name not in FSDP_STAGES:
         raise UserError(f"train.parallel=fsdp: {name} cannot shard its model (FSDP: "
                         f"{', '.join(FSDP_STAGES)}); use train.parallel=ddp")
+    if getattr(train, "backend", "hf") != "hf":
+        raise UserError(f"train.backend={train.backend} trains on one GPU; under torchrun use "  # type: ignore[union-attr]
+                        "train.backend=hf")
+    rollout = getattr(cfg, "rollout", None)
+    if getattr(rollout, "backend", "hf") != "hf":
+        raise UserError(f"rollout.backend={rollout.backend}: one engine per rank is not "  # type: ignore[union-attr]
+                        "supported under torchrun yet; use rollout.backend=hf")
 
 
 def main_first(d: Dist) -> Iterator[None]:
@@ -161,6 +171,33 @@ def replicate(model: torch.nn.Module) -> torch.nn.Module:
     # prompts (a different number of forward calls each)
     ddp(model, broadcast_buffers=False)
     return model
+
+
+def parallelize(model: torch.nn.Module, cfg: Any, precision: str,
+                micro_batches: tuple[int, str] | None) -> torch.nn.Module | None:
+    """DDP or FSDP2 on `model` as `cfg` (a TrainCfg) says, in place, before any optimizer sees
+    it; under FSDP returns the model's skeleton, to export from. Bad settings are said here,
+    before any step."""
+    count, what = micro_batches or (cfg.grad_accum, "")
+    local_accum(count, current().world, what)
+    if cfg.parallel == "ddp":
+        replicate(model)
+        return None
+    if precision == "fp16":
+        raise UserError("train.parallel=fsdp with train.precision=fp16: the loss scaler does not "
+                        "unscale sharded gradients here; use bf16 (FSDP's mixed-precision "
+                        "policy) or fp32")
+    low = {"bf16": torch.bfloat16}.get(precision)
+    return fully_shard_blocks(model, cfg.reshard_after_forward, low)
+
+
+def nonfinite(model: torch.nn.Module, sharded: bool, device: torch.device) -> tuple[int, str]:
+    """(how many weight tensors hold inf/nan, the first one's name); with sharded weights each
+    rank checks its own shards and the count is summed, so every rank stops or none does."""
+    bad = [n for n, p in model.named_parameters()
+           if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    found = int(all_sum([float(len(bad))], device)[0]) if sharded else len(bad)
+    return found, bad[0] if bad else "all on other ranks' shards"
 
 
 def fully_shard_blocks(model: torch.nn.Module, reshard_after_forward: bool,
@@ -281,7 +318,7 @@ def gather(mine: list[T]) -> list[T]:
 
     box: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(box, mine)
-    return [x for part in box for x in part]
+    return [x for chunk in box for x in chunk]
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

@@ -154,7 +154,9 @@ class Trainer:
         # under torchrun: DDP or FSDP2 on the model (in place) before the optimizer sees it;
         # only rank 0 writes (metrics, exports), every rank trains its share of each step
         self.dist = distributed.current()
-        self._skeleton = self._parallelize() if self.dist.active else None
+        self._skeleton = (distributed.parallelize(model, cfg, self.precision.name,
+                                                  task.micro_batches)
+                          if self.dist.active else None)
         # fused: one kernel per step instead of ~10 small ops per tensor (3x faster on CPU)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
@@ -169,20 +171,6 @@ class Trainer:
         # writes, so final/ must be exported, not copied from best/: the best trainable
         # weights are kept in memory for it (adapters: a small fraction of the model)
         self._best_trainable: dict[str, torch.Tensor] | None = None
-
-    def _parallelize(self) -> torch.nn.Module | None:
-        """DDP, or FSDP2 (returning the model's skeleton, to export from); said before any step."""
-        count, what = self.task.micro_batches or (self.cfg.grad_accum, "")
-        distributed.local_accum(count, self.dist.world, what)
-        if self.cfg.parallel == "ddp":
-            distributed.replicate(self.model)
-            return None
-        if self.precision.scaler is not None:
-            raise UserError("train.parallel=fsdp with train.precision=fp16: the loss scaler does "
-                            "not unscale sharded gradients here; use bf16 (FSDP's mixed-precision "
-                            "policy) or fp32")
-        low = DTYPES[self.precision.name] if self.precision.name != "fp32" else None
-        return distributed.fully_shard_blocks(self.model, self.cfg.reshard_after_forward, low)
 
     @property
     def max_steps(self) -> int:
@@ -570,13 +558,8 @@ class Trainer:
         return True
 
     def _finish(self, stopped: str, last: dict[str, Any]) -> Result:
-        bad = [n for n, p in self.model.named_parameters()  # FSDP: each rank its own shards
-               if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
-        found = len(bad)
-        if self._skeleton is not None:  # every rank stops, or none does
-            found = int(distributed.all_sum([float(found)], self.device)[0])
+        found, first = distributed.nonfinite(self.model, self._skeleton is not None, self.device)
         if found:  # e.g. an lr so large the weights overflowed while the loss still read finite
-            first = bad[0] if bad else "all on other ranks' shards"
             raise TrainingError(f"the trained weights hold non-finite values ({found} tensors, "
                                 f"{first} among them); nothing was saved as final. Lower "
                                 "optim.lr or set train.precision=fp32")
