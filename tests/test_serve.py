@@ -339,6 +339,10 @@ def test_a_disconnected_stream_stops_sampling_and_its_batch_goes_on(live: Live, 
     other = threading.Thread(target=lambda: kept.setdefault("text", live.client.chat.completions.create(
         model=NAME, max_tokens=N, temperature=0, messages=msgs).choices[0].message.content))
     other.start()
+    deadline = time.monotonic() + 30
+    while len(slowed.jobs) < 2:  # `other` queued first: the stream's job is jobs[2]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     stream = live.client.chat.completions.create(model=NAME, max_tokens=N, temperature=0,
                                                  stream=True, messages=msgs)
     chunks = iter(stream)
