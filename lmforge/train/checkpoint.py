@@ -1,9 +1,10 @@
 """Atomic, exactly resumable checkpoints: an HF directory plus `trainer_state.pt`.
 
 A checkpoint is written into `.tmp-step-N/`, gets a `COMPLETE` mark, and only then is renamed
-to `step-N/`. On several ranks the weights and optimizer are a `dcp/` directory of shards that
-every rank writes its part of (`torch.distributed.checkpoint`), loadable on any number of ranks. Resume takes the newest `step-N/` that has the mark, so a run killed mid-write
-falls back to the previous checkpoint instead of loading half a file.
+to `step-N/`. Resume takes the newest `step-N/` that has the mark, so a run killed mid-write
+falls back to the previous checkpoint instead of loading half a file. On several ranks the
+weights and optimizer are a `dcp/` directory of shards instead, each rank writing its own
+(`torch.distributed.checkpoint`), loadable on any number of ranks.
 """
 
 from __future__ import annotations
