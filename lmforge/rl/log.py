@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.io import atomic_write_text, read_jsonl
+from lmforge.train import distributed
 
 ROLLOUTS = "rollouts.jsonl"
 
 
 def dedupe_rounds(path: Path) -> None:
     """Keep each round's last block of rows: a resumed run redraws the rounds made after its
-    checkpoint, and those redraws (identical, by construction) replace the first ones."""
-    if not path.exists():
+    checkpoint, and those redraws (identical, by construction) replace the first ones. Under
+    torchrun rank 0 alone rewrites the file it alone wrote."""
+    if not path.exists() or not distributed.current().main:
         return
     blocks: dict[int, list[dict[str, Any]]] = {}
     current = None

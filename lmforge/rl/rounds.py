@@ -311,6 +311,14 @@ class Cursor:
 
 
 
+def micro_batches(cfg: OnlineRlCfg) -> tuple[int, str]:
+    """A step's micro-batches (its rollouts over train.micro_batch_size) and what sets them:
+    the count ranks must split evenly (Task.micro_batches)."""
+    r = cfg.rollout
+    n = -(-r.prompts_per_step * r.group_size // cfg.train.micro_batch_size)
+    return n, f"rollout.prompts_per_step x group_size / train.micro_batch_size = {n}"
+
+
 def on_device(b: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) for k, v in b.items()}
 

@@ -33,6 +33,7 @@ from lmforge.rl.rounds import (
     Round,
     Rounds,
     completion_logps,
+    micro_batches,
     on_device,
     reference,
     sampling,
@@ -80,11 +81,7 @@ def grpo_task(cfg: GrpoCfg, model: PreTrainedModel, rounds: Rounds, ref: Any,
         return loss, m
 
     agg = L.aggregation
-    r = cfg.rollout
-    per_step = -(-r.prompts_per_step * r.group_size // cfg.train.micro_batch_size)
-    return Task(step=step, batches=cursor.batches,
-                micro_batches=(per_step, f"rollout.prompts_per_step x group_size / "
-                                         f"train.micro_batch_size = {per_step}"),
+    return Task(step=step, batches=cursor.batches, micro_batches=micro_batches(cfg),
                 weight=lambda b: weight_of(b["completion_mask"], agg),
                 tokens=lambda b: int(b["valid"].sum()), after_step=lambda: cursor.after_step(model),
                 state=cursor.save, load_state=cursor.load)

@@ -48,6 +48,7 @@ from lmforge.rl.rounds import (
     Round,
     Rounds,
     completion_logps,
+    micro_batches,
     on_device,
     reference,
     rollout_batch,
@@ -55,6 +56,7 @@ from lmforge.rl.rounds import (
     sampling,
 )
 from lmforge.stages.dpo import heldout_pass_at_1, load_policy
+from lmforge.train import distributed
 from lmforge.train.checkpoint import Composite
 from lmforge.train.loop import Task, train
 from lmforge.train.precision import make_precision
@@ -144,7 +146,7 @@ def ppo_task(cfg: PpoCfg, models: Composite, rounds: PpoRounds, device: torch.de
         rounds.kl_coef = st.get("kl_coef", rounds.kl_coef)
 
     agg = L.aggregation
-    return Task(step=step, batches=cursor.batches,
+    return Task(step=step, batches=cursor.batches, micro_batches=micro_batches(cfg),
                 weight=lambda b: weight_of(b["completion_mask"], agg),
                 tokens=lambda b: int(b["valid"].sum()),
                 after_step=lambda: cursor.after_step(models.actor),
@@ -210,7 +212,8 @@ def main(cfg: PpoCfg) -> dict[str, Any]:
     task = ppo_task(cfg, models, s.rounds, s.device)
     task.export = _exporter(cfg, s.tokenizer)
     res = train(cfg.train, cfg.optim, cfg.log, cfg.run.dir, models, task, s.tokenizer)  # type: ignore[arg-type]
-    _save_critic(s.critic, cfg.run.dir / "critic", s.tokenizer)
+    if distributed.current().main:
+        _save_critic(s.critic, cfg.run.dir / "critic", s.tokenizer)
     dedupe_rounds(s.rounds.log_path)
     rows = [x for x in read_jsonl(cfg.run.dir / "metrics.jsonl") if "reward/mean" in x]
     L = cfg.loss

@@ -67,7 +67,7 @@ def current() -> Dist:
 
 # stages whose every write is rank 0's and whose data every rank reads alike; the others say
 # so in one line under torchrun
-STAGES = ("pretrain", "sft", "rm", "dpo", "kto", "distill", "grpo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "kto", "distill", "grpo", "ppo")
 # stages whose model FSDP can shard: the RL stages sample on each rank's own prompts, so their
 # ranks call the model a different number of times, which weights gathered by all ranks
 # together (every forward a collective) cannot serve
@@ -121,6 +121,10 @@ def check_stage(name: str, cfg: Any) -> None:
     if getattr(train, "backend", "hf") != "hf":
         raise UserError(f"train.backend={train.backend} trains on one GPU; under torchrun use "  # type: ignore[union-attr]
                         "train.backend=hf")
+    if getattr(getattr(cfg, "critic", None), "share_base", False):
+        raise UserError("critic.share_base under torchrun: the critic's adapter lives in the "
+                        "actor's layers, which one DDP unit per model cannot split; set "
+                        "critic.share_base=false")
     rollout = getattr(cfg, "rollout", None)
     if getattr(rollout, "backend", "hf") != "hf":
         raise UserError(f"rollout.backend={rollout.backend}: one engine per rank is not "  # type: ignore[union-attr]
@@ -163,8 +167,17 @@ def share(micro: Sequence[T], weights: Sequence[float], d: Dist) -> tuple[list[T
 
 
 def replicate(model: torch.nn.Module) -> torch.nn.Module:
-    """DDP on `model`, in place: its gradients are averaged over the ranks in backward."""
+    """DDP on `model`, in place: its gradients are averaged over the ranks in backward. Models
+    trained as one (PPO's actor and critic) are each their own DDP unit: DDP averages only
+    what passed through its module's forward, and the stage calls each part's."""
     from torch.distributed._composable.replicate import replicate as ddp
+
+    from lmforge.train.checkpoint import Composite
+
+    if isinstance(model, Composite):
+        for part in model.children():
+            replicate(part)
+        return model
 
     # no buffer broadcast: the buffers here (rotary frequencies) never change, and the
     # broadcast would be a collective in every forward, hanging ranks that sample their own

@@ -108,23 +108,32 @@ def test_two_ranks_equal_one_process(runs: dict[str, Path], parallel: str) -> No
 
 
 def _grads_averaged(rank: int, world: int, rendezvous: str) -> None:
-    """Each rank's own batch through the model's forward (logits) and through `final_hidden`
-    with the head applied apart (the RL, reward-model and distillation stages' way): after
+    """Each rank's own batch through the model's forward (logits), through `final_hidden`
+    with the head applied apart (the RL, reward-model and distillation stages' way), and
+    through two models trained as one (PPO's actor and critic, each called apart): after
     backward every rank holds the mean of the ranks' gradients, which it checks against its
     own all-reduce of them."""
     import torch.distributed as dist
 
     from lmforge.models import final_hidden
     from lmforge.train import distributed
+    from lmforge.train.checkpoint import Composite
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        for way in ("forward", "final_hidden"):
-            model = distributed.replicate(micro_llama().double())
+        for way in ("forward", "final_hidden", "composite"):
+            model = (Composite(actor=micro_llama().double(), critic=micro_llama(1).double())
+                     if way == "composite" else micro_llama().double())
+            distributed.replicate(model)
             x = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(rank))
             pos = torch.arange(SEQ).repeat(2, 1)
-            logits = (model(input_ids=x, position_ids=pos).logits if way == "forward"
-                      else model.lm_head(final_hidden(model, x, pos)))
+            if way == "composite":
+                actor, critic = model.actor, model.critic
+                logits = torch.cat([actor(input_ids=x, position_ids=pos).logits,
+                                    critic.lm_head(final_hidden(critic, x, pos))])
+            else:
+                logits = (model(input_ids=x, position_ids=pos).logits if way == "forward"
+                          else model.lm_head(final_hidden(model, x, pos)))
             logits.logsumexp(-1).mean().backward()
             for name, p in model.named_parameters():
                 own = p.grad.clone()
@@ -258,7 +267,8 @@ def test_grpo_under_torchrun_samples_each_ranks_prompts_and_gathers_rewards(
 
 
 @pytest.mark.parametrize("stage, over, says", [
-    ("ppo", [], "ppo cannot run on several processes yet"),
+    ("ppo", ["critic.share_base=true", "lora.method=lora", "critic.lora.method=lora"],
+     "critic.share_base under torchrun"),
     ("grpo", ["train.parallel=fsdp"], "train.parallel=fsdp: grpo cannot shard its model")])
 def test_a_stage_that_cannot_run_so_says_so_once(tiny_run: Path, tmp_path: Path, stage: str,
                                                  over: list[str], says: str) -> None:
