@@ -1,0 +1,1 @@
+"""The runs dashboard and human preference collection (`lmforge ui`)."""
