@@ -143,8 +143,7 @@ class Record:
                             "label": r["choice"] == "up", "model": r["left"],
                             "annotator": r["annotator"]})
             elif r["choice"] in ("left", "right"):
-                win, lose = ((r["left"], r["right"]) if r["choice"] == "left"
-                             else (r["right"], r["left"]))
+                win, lose = _decided(r)
                 pairs.append({"prompt": it.prompt, "chosen": it.responses[win],
                               "rejected": it.responses[lose], "chosen_model": win,
                               "rejected_model": lose, "chosen_position": r["choice"],
@@ -153,6 +152,11 @@ class Record:
         if kto:
             atomic_write_text(self.root / KTO, _jsonl(kto))
         return {"pairs": len(pairs), "kto": len(kto)}
+
+
+def _decided(r: dict[str, Any]) -> tuple[str, str]:
+    """(winner, loser) of a label that chose a side."""
+    return (r["left"], r["right"]) if r["choice"] == "left" else (r["right"], r["left"])
 
 
 def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
@@ -183,9 +187,7 @@ def report(rows: list[dict[str, Any]]) -> dict[str, Any]:
         wins: Counter[tuple[str, str]] = Counter()
         for r in pair_rows:
             if r["choice"] in ("left", "right"):
-                win, lose = ((r["left"], r["right"]) if r["choice"] == "left"
-                             else (r["right"], r["left"]))
-                wins[(win, lose)] += 1
+                wins[_decided(r)] += 1
         try:
             out["elo"] = elo_ratings(bradley_terry(dict(wins)))
         except UserError as e:  # a model that never won or never lost: said, not rated

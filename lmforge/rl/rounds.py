@@ -152,7 +152,7 @@ class Rounds:
         the prompts (its seed also its rank's) and every rank receives all the groups, so
         advantages and micro-batches are the same on every rank."""
         G, d = self.cfg.rollout.group_size, distributed.current()
-        mine = distributed.part(picks, d) if d.active else picks
+        mine = distributed.part(picks, d)  # one process: all of them
         t0 = time.perf_counter()
         seed = np.random.SeedSequence([self.cfg.train.seed, k, attempt, *([d.rank] if d.active else [])])
         g = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))

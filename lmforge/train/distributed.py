@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import torch
 
 from lmforge.errors import UserError
+from lmforge.train.precision import DTYPES
 
 T = TypeVar("T")
 
@@ -65,8 +66,8 @@ def current() -> Dist:
     return Dist()
 
 
-# stages whose every write is rank 0's and whose data every rank reads alike; the others say
-# so in one line under torchrun
+# the stages that run under torchrun (every training stage: each write is rank 0's, the data
+# every rank's alike); the others say so in one line
 STAGES = ("pretrain", "sft", "rm", "dpo", "kto", "distill", "grpo", "ppo")
 # stages whose model FSDP can shard: the RL stages sample on each rank's own prompts, so their
 # ranks call the model a different number of times, which weights gathered by all ranks
@@ -100,7 +101,8 @@ def session() -> Iterator[Dist]:
     try:
         # one log: what a stage prints is rank 0's (errors and warnings, on stderr, are every
         # rank's; a user error is printed by rank 0 alone, see cli.py)
-        with contextlib.redirect_stdout(open(os.devnull, "w") if dist.get_rank() else sys.stdout):
+        with open(os.devnull, "w") as sink, \
+                contextlib.redirect_stdout(sink if dist.get_rank() else sys.stdout):
             yield current()
     finally:
         dist.destroy_process_group()
@@ -142,15 +144,14 @@ def main_first(d: Dist) -> Iterator[None]:
         yield
 
 
-def local_accum(micro_batches: int, world: int, what: str = "") -> int:
-    """Micro-batches per rank per step; the global batch must split evenly. `what` names
-    where the count comes from when it is not train.grad_accum (RL: the rollouts)."""
+def check_split(micro_batches: int, world: int, what: str = "") -> None:
+    """A step's micro-batches must split evenly over the ranks. `what` names where the count
+    comes from when it is not train.grad_accum (RL: the rollouts)."""
     if micro_batches % world:
         source = what or (f"train.grad_accum={micro_batches}: the global batch (micro_batch_size "
                           "x grad_accum) is the same on any number of ranks, so grad_accum")
         raise UserError(f"{micro_batches} micro-batches a step cannot be split over {world} "
                         f"ranks ({source} must be a multiple of {world}); run on fewer ranks")
-    return micro_batches // world
 
 
 def share(micro: Sequence[T], weights: Sequence[float], d: Dist) -> tuple[list[T], list[float], int]:
@@ -192,7 +193,7 @@ def parallelize(model: torch.nn.Module, cfg: Any, precision: str,
     it; under FSDP returns the model's skeleton, to export from. Bad settings are said here,
     before any step."""
     count, what = micro_batches or (cfg.grad_accum, "")
-    local_accum(count, current().world, what)
+    check_split(count, current().world, what)
     if cfg.parallel == "ddp":
         replicate(model)
         return None
@@ -200,7 +201,7 @@ def parallelize(model: torch.nn.Module, cfg: Any, precision: str,
         raise UserError("train.parallel=fsdp with train.precision=fp16: the loss scaler does not "
                         "unscale sharded gradients here; use bf16 (FSDP's mixed-precision "
                         "policy) or fp32")
-    low = {"bf16": torch.bfloat16}.get(precision)
+    low = None if precision == "fp32" else DTYPES[precision]  # bf16: compute in it
     return fully_shard_blocks(model, cfg.reshard_after_forward, low)
 
 

@@ -149,6 +149,18 @@ def test_gradients_are_averaged_however_a_stage_calls_the_model(tmp_path: Path) 
     mp.spawn(_grads_averaged, args=(2, str(tmp_path / "rdzv")), nprocs=2, join=True)
 
 
+def test_a_short_step_is_padded_with_weight_0_repeats() -> None:
+    """Three micro-batches (weights 1, 2, 3) over 2 ranks: rank 0 trains a and b; rank 1 c
+    and a weight-0 repeat of c, which adds nothing to the weighted sum yet keeps the ranks'
+    backward counts equal. The weights over all shares still sum to 6, and only 3 are real."""
+    from lmforge.train.distributed import Dist, share
+
+    parts = [share(["a", "b", "c"], [1.0, 2.0, 3.0], Dist(r, 2)) for r in range(2)]
+    assert parts == [(["a", "b"], [1.0, 2.0], 2), (["c", "c"], [3.0, 0.0], 1)]
+    assert share(["a", "b"], [1.0, 2.0], Dist(1, 4)) == (["b"], [2.0], 1)
+    assert share(["a", "b"], [1.0, 2.0], Dist(3, 4)) == (["b"], [0.0], 0)
+
+
 def _from_step_2(runs: dict[str, Path], name: str) -> Path:
     """A copy of the FSDP run as if stopped after its step-2 checkpoint."""
     d = runs["fsdp"].parent / name
@@ -171,7 +183,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_on_two(runs: dict[str, Pat
         assert _max_diff(weights, weights_r) < WEIGHT_TOL
 
 
-def test_a_checkpoint_of_another_model_is_one_line(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_a_checkpoint_of_another_model_is_one_line(runs: dict[str, Path]) -> None:
     d = _from_step_2(runs, "other")
     other = micro_llama(vocab=VOCAB + 8).double()
     with pytest.raises(UserError, match=r"^checkpoint .*step-2 does not match the model \(Size mismatch .*embed_tokens"):
@@ -270,8 +282,8 @@ def test_grpo_under_torchrun_samples_each_ranks_prompts_and_gathers_rewards(
     ("ppo", ["critic.share_base=true", "lora.method=lora", "critic.lora.method=lora"],
      "critic.share_base under torchrun"),
     ("grpo", ["train.parallel=fsdp"], "train.parallel=fsdp: grpo cannot shard its model")])
-def test_a_stage_that_cannot_run_so_says_so_once(tiny_run: Path, tmp_path: Path, stage: str,
-                                                 over: list[str], says: str) -> None:
+def test_a_setting_that_cannot_run_distributed_says_so_once(
+        tiny_run: Path, tmp_path: Path, stage: str, over: list[str], says: str) -> None:
     r = _torchrun(tmp_path, stage, str(ROOT / f"configs/{stage}/tiny.yaml"),
                   f"model.path={tiny_run / 'sft'}", f"run.dir={tmp_path / stage}", *over)
     assert r.returncode != 0
