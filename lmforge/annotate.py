@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from lmforge.eval.agreement import (
 from lmforge.io import atomic_write_text
 
 LABELS, PREFERENCES, KTO = "labels.jsonl", "preferences.jsonl", "kto.jsonl"
+SESSION, ITEMS = "session.json", "items.jsonl"  # what `lmforge annotate` prepares
+MODES = ("pairs", "thumbs")
 PAIR_CHOICES = ("left", "right", "tie", "both_bad", "skip")
 THUMB_CHOICES = ("up", "down", "skip")
 
@@ -45,7 +48,7 @@ THUMB_CHOICES = ("up", "down", "skip")
 @dataclass(frozen=True)
 class Item:
     id: str
-    prompt: str
+    prompt: str | list[dict[str, str]]  # text, or the conversation so far (relabelled files)
     responses: dict[str, str]  # model name -> its response
 
 
@@ -63,8 +66,8 @@ class Shown:
 
 
 def schedule(items: list[Item], annotator: str, seed: int, thumbs: bool = False) -> list[Shown]:
-    """The annotator's comparisons in order: every pair of models on every item (thumbs: every
-    response), shuffled and sided by a generator seeded with (seed, annotator), so that it is
+    """The annotator's comparisons in order: every pair of models on every item whose answers
+    differ (thumbs: every response), shuffled and sided by a generator seeded with (seed, annotator), so that it is
     the same list every time they come back."""
     rng = random.Random(f"{seed}/{annotator}")
     shown: list[Shown] = []
@@ -73,6 +76,8 @@ def schedule(items: list[Item], annotator: str, seed: int, thumbs: bool = False)
             shown += [Shown(it.id, m, None) for m in sorted(it.responses)]
             continue
         for a, b in combinations(sorted(it.responses), 2):
+            if it.responses[a] == it.responses[b]:
+                continue  # nothing to prefer, and a pair the preference stages drop anyway
             shown.append(Shown(it.id, a, b) if rng.random() < 0.5 else Shown(it.id, b, a))
     rng.shuffle(shown)
     return shown
@@ -216,3 +221,162 @@ def _agreement(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     counts = [[sum(verdict[n][k] == c for n in names) for c in cats] for k in shared]
     return {"annotators": names, "shared": len(shared), "kind": "fleiss",
             "kappa": fleiss_kappa(counts)}
+
+
+def thumbs_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Thumbs mode: each model's share of thumbs up, with its Wilson interval."""
+    ups: dict[str, Counter[str]] = {}
+    for r in rows:
+        if r["right"] is None and r["choice"] in ("up", "down"):
+            ups.setdefault(r["left"], Counter())[r["choice"]] += 1
+    return {m: vars(win_rate(c["up"], c["down"])) for m, c in sorted(ups.items())}
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+@dataclass(frozen=True)
+class Session:
+    """A directory to label: items.jsonl (prompts and responses) and session.json (mode,
+    seed, where the responses came from), written once by `lmforge annotate`; the labels and
+    the files made from them are added beside them as people work."""
+
+    root: Path
+    mode: str  # pairs | thumbs
+    seed: int
+    source: str
+    items: list[Item]
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({m for it in self.items for m in it.responses})
+
+    def order(self, annotator: str) -> list[Shown]:
+        return schedule(self.items, annotator, self.seed, self.mode == "thumbs")
+
+    def record(self) -> Record:
+        return Record(self.root, self.items)
+
+
+def load_session(root: Path) -> Session:
+    meta_path, items_path = root / SESSION, root / ITEMS
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{root}: not an annotation session (no {SESSION}; make one with "
+                        "`lmforge annotate`)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{meta_path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(meta, dict) or meta.get("mode") not in MODES \
+            or not isinstance(meta.get("seed"), int):
+        raise UserError(f"{meta_path}: expected an object with mode ({' or '.join(MODES)}) "
+                        "and an integer seed")
+    items = []
+    for n, line in enumerate(items_path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            items.append(Item(str(row["id"]), row["prompt"], dict(row["responses"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{items_path}:{n}: not an item ({type(e).__name__}: {e})") from None
+    return Session(root, meta["mode"], meta["seed"], str(meta.get("source", "")), items)
+
+
+def write_session(out: Path, items: list[Item], mode: str, seed: int, source: str) -> Session:
+    """items.jsonl, then session.json (the mark of a complete session). An existing session
+    is never overwritten: its labels are someone's work."""
+    if mode not in MODES:
+        raise UserError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    if (out / SESSION).exists() or (out / LABELS).exists():
+        raise UserError(f"{out} already holds an annotation session; choose another directory")
+    need = 1 if mode == "thumbs" else 2
+    kept = [it for it in items if len(it.responses) >= need]
+    if not kept or not schedule(kept, "", seed, mode == "thumbs"):
+        raise UserError(f"{source}: nothing to label (no item has {need} different answers)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / ITEMS, _jsonl(
+        {"id": it.id, "prompt": it.prompt, "responses": it.responses} for it in kept))
+    meta = {"mode": mode, "seed": seed, "source": source, "items": len(kept),
+            "models": sorted({m for it in kept for m in it.responses})}
+    atomic_write_text(out / SESSION, json.dumps(meta, indent=2) + "\n")
+    return Session(out, mode, seed, source, kept)
+
+
+def items_from_file(source: str, thumbs: bool, limit: int | None = None) -> list[Item]:
+    """Items from a preference file to relabel: a pair's answers are named `chosen` and
+    `rejected` (what the file said, so the humans' win rate of `chosen` is their agreement
+    with it); an unpaired (KTO) row is one answer named `desirable` or `undesirable`, for
+    thumbs mode."""
+    from lmforge.data.preference import PrefPair, load_any
+
+    rows, stats = load_any(source, limit=limit)
+    if stats.format == "unpaired" and not thumbs:
+        raise UserError(f"{source}: unpaired rows hold one answer per prompt; relabel them "
+                        "with thumbs up/down (--thumbs)")
+    items = []
+    for n, r in enumerate(rows):
+        prompt: str | list[dict[str, str]] = (r.prompt[0]["content"] if len(r.prompt) == 1
+                                              else [dict(m) for m in r.prompt])
+        if isinstance(r, PrefPair):
+            items.append(Item(f"r{n:05d}", prompt, {"chosen": r.chosen, "rejected": r.rejected}))
+        else:
+            name = "desirable" if r.desirable else "undesirable"
+            items.append(Item(f"r{n:05d}", prompt, {name: r.completion}))
+    return items
+
+
+def generate_items(prompts: list[str], models: dict[str, str], max_new_tokens: int,
+                   temperature: float, top_p: float, seed: int) -> list[Item]:
+    """Each model's answer to each prompt through lmforge's generation path (a model whose
+    tokenizer carries a chat template gets the prompt as a user turn in it)."""
+    from lmforge.generate import SampleCfg, generate
+    from lmforge.models import load_model
+    from lmforge.tokenizer import load_tokenizer
+
+    cfg = SampleCfg(max_new_tokens, temperature, None, top_p, (), seed)
+    cfg.check()
+    answers: dict[str, list[str]] = {}
+    for name, path in models.items():
+        start = time.perf_counter()
+        model, tokenizer = load_model(path), load_tokenizer(path)
+        model.eval()
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        answers[name] = generate(model, tokenizer, prompts, cfg, chat=chat)
+        print(f"annotate: {name} ({path}) answered {len(prompts)} prompts "
+              f"{'in its chat template ' if chat else ''}in {time.perf_counter() - start:.1f}s")
+        del model
+    return [Item(f"p{i:05d}", p, {m: answers[m][i] for m in models})
+            for i, p in enumerate(prompts)]
+
+
+def annotate_cli(ns: Any) -> None:
+    """`lmforge annotate OUT (--prompts FILE --model NAME=CKPT ... | --relabel FILE)`."""
+    from lmforge.data.chat_rows import load_prompts
+
+    out = Path(ns.out)
+    if (out / SESSION).exists() or (out / LABELS).exists():  # before minutes of generation
+        raise UserError(f"{out} already holds an annotation session; choose another directory")
+    mode = "thumbs" if ns.thumbs else "pairs"
+    if bool(ns.relabel) == bool(ns.prompts):
+        raise UserError("give --prompts FILE with two or more --model NAME=CKPT, or --relabel FILE")
+    if ns.relabel:
+        if ns.model:
+            raise UserError("--relabel labels the file's own answers: --model is not used")
+        items = items_from_file(ns.relabel, ns.thumbs, ns.limit)
+        source = f"relabel {ns.relabel}"
+    else:
+        models: dict[str, str] = {}
+        for spec in ns.model:
+            name, sep, path = spec.partition("=")
+            if not sep or not name.strip() or not path.strip() or name in models:
+                raise UserError(f"--model {spec!r}: expected a unique NAME=CHECKPOINT")
+            models[name.strip()] = path.strip()
+        if len(models) < (1 if ns.thumbs else 2):
+            raise UserError("pairs mode compares two or more --model NAME=CKPT (thumbs: one or more)")
+        prompts = load_prompts(Path(ns.prompts), ns.limit)
+        items = generate_items(prompts, models, ns.max_new_tokens, ns.temperature, ns.top_p,
+                               ns.seed)
+        source = f"generated for {ns.prompts} by " + ", ".join(f"{k}={v}" for k, v in models.items())
+    s = write_session(out, items, mode, ns.seed, source)
+    per = len(s.order("anyone"))
+    print(f"annotate: {out}: {len(s.items)} items, {mode} mode, {per} decisions per annotator; "
+          f"open it with `lmforge ui --labels {out.parent}`")

@@ -100,3 +100,56 @@ def test_report_worked_by_hand() -> None:
     assert out["win_rates"]["a"]["wins"] == 4.0 and out["win_rates"]["a"]["games"] == 8
     assert out["left_wins"] == pytest.approx(4 / 6, abs=1e-12)
     assert "elo" not in out  # two models: the win rate says it all
+
+
+def _jsonl_file(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_pairs_or_kto_file_becomes_a_session_to_relabel(tmp_path: Path, capsys) -> None:
+    from lmforge.annotate import load_session
+    from lmforge.cli import main
+
+    pairs = _jsonl_file(tmp_path / "p.jsonl", [
+        {"prompt": "Q1", "chosen": "good", "rejected": "bad"},
+        {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Q2"}],
+         "chosen": "yes", "rejected": "no"}])
+    assert main(["annotate", str(tmp_path / "s"), "--relabel", pairs]) == 0
+    s = load_session(tmp_path / "s")
+    assert s.mode == "pairs" and s.models == ["chosen", "rejected"]
+    assert s.items[0].prompt == "Q1" and s.items[0].responses == {"chosen": "good", "rejected": "bad"}
+    assert s.items[1].prompt == [{"role": "system", "content": "be brief"},
+                                 {"role": "user", "content": "Q2"}]
+    kto = _jsonl_file(tmp_path / "k.jsonl", [{"prompt": "Q", "completion": "A", "label": True}])
+    assert main(["annotate", str(tmp_path / "k"), "--relabel", kto]) == 2
+    assert "--thumbs" in capsys.readouterr().err
+    assert main(["annotate", str(tmp_path / "k"), "--relabel", kto, "--thumbs"]) == 0
+    assert load_session(tmp_path / "k").items[0].responses == {"desirable": "A"}
+    capsys.readouterr()
+    assert main(["annotate", str(tmp_path / "s"), "--relabel", pairs]) == 2  # never overwritten
+    assert "already holds an annotation session" in capsys.readouterr().err
+
+
+def test_answers_come_from_the_generation_path(tiny_run: Path, tmp_path: Path) -> None:
+    """`lmforge annotate --prompts --model a=CKPT --model b=CKPT`: each item holds exactly what
+    `lmforge.generate.generate` answers (greedy), the chat template used where there is one."""
+    from lmforge.annotate import load_session
+    from lmforge.cli import main
+    from lmforge.generate import SampleCfg, generate
+    from lmforge.models import load_model
+    from lmforge.tokenizer import load_tokenizer
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Write a function that adds.\n\nKeep the even numbers.\n")
+    models = {"sft": tiny_run / "sft", "pre": tiny_run / "pretrain"}
+    assert main(["annotate", str(tmp_path / "s"), "--prompts", str(prompts),
+                 *(f"--model={k}={v}" for k, v in models.items()),
+                 "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    s = load_session(tmp_path / "s")
+    assert [it.prompt for it in s.items] == ["Write a function that adds.", "Keep the even numbers."]
+    for name, path in models.items():
+        tok = load_tokenizer(str(path))
+        want = generate(load_model(str(path)).eval(), tok, [it.prompt for it in s.items],
+                        SampleCfg(6, 0.0, None, 1.0, (), 0), chat=bool(tok.chat_template))
+        assert [it.responses[name] for it in s.items] == want

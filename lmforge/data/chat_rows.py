@@ -280,6 +280,27 @@ def iter_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, A
         yield from _iter_hub(spec, split)
 
 
+def load_prompts(path: Path, limit: int | None = None) -> list[str]:
+    """Prompts from a .txt file (one a line) or .jsonl/.json rows with a "prompt" string."""
+    if not path.is_file():
+        raise UserError(f"prompts: {path} not found")
+    if path.suffix.lower() == ".txt":
+        prompts = [x.strip() for x in path.read_text(encoding="utf-8-sig").splitlines()]
+        prompts = [x for x in prompts if x]
+    else:
+        prompts = []
+        for where, row in iter_rows(path):
+            if isinstance(row, InvalidRow):
+                raise row
+            value = row.get("prompt") if isinstance(row, dict) else None
+            if not isinstance(value, str) or not value.strip():
+                raise UserError(f"{where}: expected an object with a non-empty \"prompt\" string")
+            prompts.append(value)
+    if not prompts:
+        raise UserError(f"prompts: {path} holds no prompt")
+    return prompts[:limit]
+
+
 def require_rows(kept: list[Any], source: str | Path, skipped: dict[str, int],
                  first_error: Exception | None) -> None:
     """One line when nothing usable was read: no rows at all, or why every row was skipped."""

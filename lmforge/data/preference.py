@@ -346,6 +346,13 @@ def load_unpaired(source: str, fmt: str = "auto", *, split: str = "train",
     return items, stats
 
 
+def load_any(source: str, *, limit: int | None = None
+             ) -> tuple[list[PrefPair] | list[Unpaired], PrefStats]:
+    """The rows of a preference source as they are, pairs or unpaired (a file to relabel):
+    invalid rows are skipped and counted."""
+    return _read(source, "auto", "train", True, limit)
+
+
 T = TypeVar("T", PrefPair, Unpaired)
 
 

@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from lmforge.config import ConstitutionalCfg, GenCfg
+from lmforge.data.chat_rows import load_prompts
 from lmforge.endpoint import Choice, Message
 from lmforge.errors import UserError
 from lmforge.stages.pairs import write_jsonl
@@ -126,29 +127,6 @@ def _principle(path: Path, i: int, p: Any, need_choose: bool) -> Principle:
     choose = p.get("choose")
     return Principle(name, p["critique"].strip(), p["revision"].strip(),
                      choose.strip() if isinstance(choose, str) else None)
-
-
-def load_prompts(path: Path, limit: int | None) -> list[str]:
-    """Prompts from a .txt file (one a line) or .jsonl/.json rows with a "prompt" string."""
-    from lmforge.data.chat_rows import InvalidRow, iter_rows
-
-    if not path.is_file():
-        raise UserError(f"prompts: {path} not found")
-    if path.suffix.lower() == ".txt":
-        prompts = [x.strip() for x in path.read_text(encoding="utf-8-sig").splitlines()]
-        prompts = [x for x in prompts if x]
-    else:
-        prompts = []
-        for where, row in iter_rows(path):
-            if isinstance(row, InvalidRow):
-                raise row
-            value = row.get("prompt") if isinstance(row, dict) else None
-            if not isinstance(value, str) or not value.strip():
-                raise UserError(f"{where}: expected an object with a non-empty \"prompt\" string")
-            prompts.append(value)
-    if not prompts:
-        raise UserError(f"prompts: {path} holds no prompt")
-    return prompts[:limit]
 
 
 # --------------------------------------------------------------------------- the steps (pure)
