@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo demo-avx2 test test-avx2 test-slow lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill bench-serve bench-backends bench-overopt bench-collapse bench-plan clean
+.PHONY: demo demo-avx2 test test-avx2 test-slow browser ui lint bench bench-dpo bench-grpo vllm bench-rollout bench-quantize bench-prune bench-distill bench-serve bench-backends bench-overopt bench-collapse bench-plan clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,7 +29,11 @@ $(VENV)/.quant: $(VENV)/.core
 demo: $(VENV)/.quant
 	$(BIN)/lmforge run configs/demo.yaml
 
+# the browser tests (tests/ui/test_browser.py) need Chromium; without it they skip and say so
+BROWSER_OR_SKIP := $(MAKE) --no-print-directory browser || echo "make: no browser installed: the browser tests will skip"
+
 test: $(VENV)/.dev
+	@$(BROWSER_OR_SKIP)
 	$(BIN)/python -m pytest
 
 # The suite with torch's kernels held to AVX2 (no AVX-512, no bf16/AMX instructions): the path
@@ -37,6 +41,7 @@ test: $(VENV)/.dev
 # there too, since it picks its own kernels for fp32 matmuls.
 AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 test-avx2: $(VENV)/.dev
+	@$(BROWSER_OR_SKIP)
 	$(AVX2) $(BIN)/python -m pytest
 
 demo-avx2: $(VENV)/.quant
@@ -44,6 +49,26 @@ demo-avx2: $(VENV)/.quant
 
 test-slow: $(VENV)/.dev
 	$(BIN)/python -m pytest -m slow
+
+# Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver) for the
+# end-to-end tests in a real headless browser; Selenium drives them (the dev extra). Needs
+# apt-get as root or through sudo; elsewhere install a Chromium and its chromedriver yourself.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+	  exit 0; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make browser: no apt-get here: install Chromium and chromedriver"; exit 1; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	elif sudo -n true 2>/dev/null; then \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+	  echo "make browser: needs root (or sudo) for apt-get install chromium chromium-driver"; exit 1; \
+	fi
+
+# the dashboard and annotation app on the runs of `make demo` (http://127.0.0.1:8765/)
+ui: $(VENV)/.dev
+	$(BIN)/lmforge ui --runs runs --labels annotations
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check lmforge tests bench
@@ -112,7 +137,7 @@ bench-rollout: $(VENV)/.core
 	$(if $(wildcard $(VLLM_VENV)/.ok),$(VBIN),$(BIN))/python bench/rollout.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache test-artifacts
 
 # `lmforge serve` under 1, 8 and 32 concurrent clients; a vllm row (`lmforge serve --backend
 # vllm`, from .venv-vllm) once `make vllm` has built it

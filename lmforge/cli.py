@@ -79,6 +79,29 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--backend", choices=("hf", "vllm"), default="hf",
                    help="hf: lmforge's own server; vllm: vLLM's own OpenAI server (run "
                         "from .venv-vllm if vLLM does not import here; --max-queue is not used)")
+    u = sub.add_parser("ui", help="the runs dashboard (stages, live curves, eval tables, config "
+                       "diffs, samples, reports) and preference annotation, in the browser")
+    u.add_argument("--runs", default="runs", help="the runs directory to show (never written)")
+    u.add_argument("--labels", default="annotations",
+                   help="annotation sessions (made by `lmforge annotate`); labels go there")
+    u.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    u.add_argument("--port", type=int, default=8765)
+    u.add_argument("--token", help="required with a non-loopback --host; every request must "
+                   "carry it (open /?token=TOKEN once in the browser)")
+    a = sub.add_parser("annotate", help="prepare a preference-annotation session: answers of "
+                       "two or more checkpoints to a prompt set, or a pairs/KTO file to relabel")
+    a.add_argument("out", help="the session directory (e.g. annotations/sft-vs-dpo)")
+    a.add_argument("--prompts", help=".txt (one a line) or .jsonl/.json rows with \"prompt\"")
+    a.add_argument("--model", action="append", default=[], metavar="NAME=CKPT",
+                   help="a checkpoint to answer the prompts (repeatable, two or more)")
+    a.add_argument("--relabel", help="a preference pairs or KTO file whose answers to label")
+    a.add_argument("--thumbs", action="store_true",
+                   help="label each answer up/down (writes kto.jsonl) instead of pairs")
+    a.add_argument("--limit", type=int, help="the first N prompts or rows")
+    a.add_argument("--max-new-tokens", type=int, default=256)
+    a.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    a.add_argument("--top-p", type=float, default=1.0)
+    a.add_argument("--seed", type=int, default=0, help="sampling, and each annotator's order")
     g = sub.add_parser("generate", help="sample text from an HF model directory")
     g.add_argument("model", help="an HF directory (e.g. runs/demo/pretrain/final) or hub id")
     g.add_argument("--prompt", action="append", default=[], help="repeatable; default: ''")
@@ -258,6 +281,16 @@ def _dispatch(ns: argparse.Namespace) -> int:
         from lmforge.serve import serve_cli
 
         serve_cli(ns)
+        return 0
+    if ns.command == "ui":
+        from lmforge.ui.app import ui_cli
+
+        ui_cli(ns)
+        return 0
+    if ns.command == "annotate":
+        from lmforge.annotate import annotate_cli
+
+        annotate_cli(ns)
         return 0
     if ns.command == "plan":
         from lmforge.plan import plan_cli

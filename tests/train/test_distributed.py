@@ -235,6 +235,7 @@ def test_pretrain_under_torchrun_equals_one_process_at_step_1(tiny_run: Path, tm
     assert load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
 
 
+@pytest.mark.slow  # torchrun + one process, ~20 s each: `make test-slow`
 def test_sft_lora_under_fsdp_equals_one_process_at_step_1(tiny_run: Path, tmp_path: Path) -> None:
     """LoRA adapters sharded with their blocks' frozen weights; the held-out pass@1 before and
     after is computed on every rank alike (the sharded model's forward runs in lockstep),
@@ -249,6 +250,7 @@ def test_sft_lora_under_fsdp_equals_one_process_at_step_1(tiny_run: Path, tmp_pa
     assert (tmp_path / "two" / "checkpoints" / "step-2" / "dcp" / ".metadata").exists()
 
 
+@pytest.mark.slow  # torchrun + one process, ~20 s each: `make test-slow`
 def test_dpo_under_fsdp_equals_one_process_at_step_1(tiny_run: Path, tmp_path: Path) -> None:
     """The reference log-probs are computed and cached by rank 0, read by rank 1."""
     _two_ranks_and_one(tmp_path, "dpo", [
@@ -257,6 +259,7 @@ def test_dpo_under_fsdp_equals_one_process_at_step_1(tiny_run: Path, tmp_path: P
     assert len(list((tmp_path / "two" / "ref_cache").glob("ref-*.safetensors"))) == 2
 
 
+@pytest.mark.slow  # torchrun + one process, ~20 s each: `make test-slow`
 def test_grpo_under_torchrun_samples_each_ranks_prompts_and_gathers_rewards(
         tiny_run: Path, tmp_path: Path) -> None:
     """Each rank samples its share of a round's prompts and every rank receives all the
