@@ -271,8 +271,12 @@ def load_session(root: Path) -> Session:
             or not isinstance(meta.get("seed"), int):
         raise UserError(f"{meta_path}: expected an object with mode ({' or '.join(MODES)}) "
                         "and an integer seed")
+    try:
+        lines = items_path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{items_path}: {str(e).splitlines()[0]}") from None
     items = []
-    for n, line in enumerate(items_path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
             items.append(Item(str(row["id"]), row["prompt"], dict(row["responses"])))

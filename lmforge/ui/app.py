@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from lmforge.annotate import SESSION, Session, Shown, load_session
+from lmforge.annotate import ITEMS, SESSION, Session, Shown, load_session
 from lmforge.errors import UserError
 from lmforge.ui import pages_annotate as A
 from lmforge.ui import pages_runs as R
@@ -99,7 +99,7 @@ class Dashboard:
         d = inside(self.labels, name) if self.labels else None
         if d is None or not (d / SESSION).is_file():
             raise NotFound(f"no annotation session {name!r}")
-        mtime = max((d / SESSION).stat().st_mtime, (d / "items.jsonl").stat().st_mtime)
+        mtime = max((f.stat().st_mtime if f.exists() else 0.0) for f in (d / SESSION, d / ITEMS))
         cached = self._sessions.get(d)
         if cached is None or cached[0] != mtime:
             cached = (mtime, load_session(d))

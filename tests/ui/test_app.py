@@ -231,3 +231,14 @@ def test_ui_refuses_an_open_host_without_a_token_in_one_line(runs: Path, capsys)
     assert err.count("\n") == 0 and "--token" in err
     assert main(["ui", "--runs", str(runs / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_a_broken_session_is_shown_as_such(runs: Path, labels: Path) -> None:
+    broken = labels / "broken"
+    broken.mkdir()
+    (broken / "session.json").write_text('{"mode": "pairs", "seed": 0}')  # no items.jsonl
+    c = client(runs, labels)
+    listing = c.get("/annotate").text
+    assert 'class="warn"' in listing.split("broken")[1][:200] and "items.jsonl" in listing
+    assert c.get("/annotate/broken?annotator=x").status_code == 400
+    assert c.get("/annotate/s1?annotator=x").status_code == 200

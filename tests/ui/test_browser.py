@@ -1,9 +1,10 @@
 """End to end in a real headless browser: Debian's Chromium driven by Selenium through
 chromedriver (`make browser` installs both). A run shows with its stages, a chart draws its
-data points (checked in the page and in the canvas, and saved as a screenshot), an annotator
-labels 5 pairs with the keyboard, the server is killed and started again, the annotator
-resumes at pair 6, the preference file holds exactly the 5 labels with their positions, and
-`lmforge dpo` trains on it.
+data points (checked in the page and in the canvas, and saved as a screenshot), a running
+stage's chart takes a new metrics row by itself, an annotator labels 5 pairs with the
+keyboard, the server is killed and started again, the annotator resumes at pair 6, the
+preference file holds exactly the 5 labels with their positions, and `lmforge dpo` trains on
+it.
 
 Screenshots go to $LMFORGE_TEST_ARTIFACTS (default: test-artifacts/ at the repository root)."""
 
@@ -136,6 +137,18 @@ def test_dashboard_chart_and_five_keyboard_labels_that_survive_a_restart(
             return n;""")
         assert painted > 100, painted
         browser.save_screenshot(str(ARTIFACTS / "ui-stage-chart.png"))
+
+        # a stage at work (no summary, just written): its chart follows new rows by itself
+        live = runs / "demo" / "live"
+        live.mkdir()
+        (live / "config.yaml").write_text("x: 1\n")
+        (live / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+        browser.get(ui.base + "/stage/demo/live")
+        points = "return document.querySelector('.panel[data-metric=\"loss\"]')?.dataset.points"
+        _wait(browser, lambda d: d.execute_script(points) == "1", "the live chart never drew")
+        with open(live / "metrics.jsonl", "a") as f:
+            f.write('{"step": 2, "loss": 0.5}\n')
+        _wait(browser, lambda d: d.execute_script(points) == "2", "the live chart never updated")
 
         browser.get(ui.base + "/annotate/s1")
         field = browser.find_element(By.ID, "annotator")
