@@ -144,17 +144,27 @@ def annotator_name(raw: str) -> str:
     return name
 
 
+def refuse(status: int, text: str) -> Response:
+    from fastapi.responses import HTMLResponse
+
+    return HTMLResponse(page(f"{status}", f"<p>{e(text)}</p>"), status_code=status)
+
+
 def create_app(runs: Path, labels: Path | None = None, token: str | None = None,
                loopback: bool = True) -> FastAPI:
-    from fastapi import FastAPI, Query
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
-    from starlette.exceptions import HTTPException
+    from fastapi import FastAPI
 
     board = Dashboard(runs, labels)
     app = FastAPI(title="lmforge ui", docs_url=None, redoc_url=None, openapi_url=None)
+    _protect(app, token, loopback)
+    _run_routes(app, board)
+    _annotation_routes(app, board)
+    return app
 
-    def refuse(status: int, text: str) -> Response:
-        return HTMLResponse(page(f"{status}", f"<p>{e(text)}</p>"), status_code=status)
+
+def _protect(app: FastAPI, token: str | None, loopback: bool) -> None:
+    """The checks every request passes, and one page for every error (the app stays up)."""
+    from starlette.exceptions import HTTPException
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
@@ -199,19 +209,20 @@ def create_app(runs: Path, labels: Path | None = None, token: str | None = None,
         traceback.print_exception(err, file=sys.stderr)  # the page shows one line
         return refuse(500, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
 
-    def html(text: str) -> Response:
-        return HTMLResponse(text)
+
+def _run_routes(app: FastAPI, board: Dashboard) -> None:
+    from fastapi import Query
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
     @app.get("/")
     def index() -> Response:
-        return html(R.runs_page(stages(board.runs), board.runs, time.time()))
+        return HTMLResponse(R.runs_page(stages(board.runs), board.runs, time.time()))
 
     @app.get("/stage/{name:path}")
     def stage(name: str, samples: str | None = None) -> Response:
         st = board.stage(name)
-        every = stages(board.runs)
         names = sorted(curves(st.path / "metrics.jsonl")[0])
-        return html(R.stage_page(st, names, every, samples, time.time()))
+        return HTMLResponse(R.stage_page(st, names, stages(board.runs), samples, time.time()))
 
     @app.get("/compare")
     def compare(s: list[str] | None = Query(None)) -> Response:
@@ -219,7 +230,7 @@ def create_app(runs: Path, labels: Path | None = None, token: str | None = None,
         if not chosen:
             raise UserError("tick at least one stage to compare")
         names = sorted(set().union(*(curves(c.path / "metrics.jsonl")[0] for c in chosen)))
-        return html(R.compare_page(chosen, names))
+        return HTMLResponse(R.compare_page(chosen, names))
 
     @app.get("/report/{run:path}")
     def report(run: str) -> Response:
@@ -232,7 +243,7 @@ def create_app(runs: Path, labels: Path | None = None, token: str | None = None,
             target = inside(d, link)
             return f"/file/{rel}/{link}" if target is not None and target.is_file() else None
 
-        return html(R.report_page(run, d / "report.md", src))
+        return HTMLResponse(R.report_page(run, d / "report.md", src))
 
     @app.get("/file/{path:path}")
     def file(path: str) -> Response:
@@ -261,13 +272,17 @@ def create_app(runs: Path, labels: Path | None = None, token: str | None = None,
     def api_curves(s: list[str] | None = Query(None), m: list[str] | None = Query(None)) -> Response:
         return JSONResponse(board.series(list(dict.fromkeys(s or [])), m or []))
 
+
+def _annotation_routes(app: FastAPI, board: Dashboard) -> None:
+    from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+
     @app.get("/annotate")
     def annotate() -> Response:
-        return html(A.sessions_page(board.sessions()))
+        return HTMLResponse(A.sessions_page(board.sessions()))
 
     @app.get("/annotate/{name:path}/results")
     def results(name: str) -> Response:
-        return html(A.results_page(name, board.session(name), board.judges()))
+        return HTMLResponse(A.results_page(name, board.session(name), board.judges()))
 
     @app.get("/annotate/{name:path}/files/{file}")
     def session_file(name: str, file: str) -> Response:
@@ -284,18 +299,17 @@ def create_app(runs: Path, labels: Path | None = None, token: str | None = None,
         who = board.label(name, form)
         return RedirectResponse(A.url(name, who), status_code=303)
 
+    # last: `{name:path}` would take the routes above as session names
     @app.get("/annotate/{name:path}")
     def session(name: str, annotator: str | None = None) -> Response:
         s = board.session(name)
         if annotator is None:
-            return html(A.name_page(name, s))
+            return HTMLResponse(A.name_page(name, s))
         who = annotator_name(annotator)
         order = s.order(who)
         at = s.record().next_index(who, order)
-        return html(A.label_page(name, s, who, at, len(order),
-                                 order[at] if at < len(order) else None))
-
-    return app
+        return HTMLResponse(A.label_page(name, s, who, at, len(order),
+                                         order[at] if at < len(order) else None))
 
 
 def ui_cli(ns: argparse.Namespace) -> None:

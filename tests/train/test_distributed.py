@@ -225,6 +225,7 @@ def _two_ranks_and_one(tmp_path: Path, stage: str, over: list[str], steps: int,
     assert rows["two"][0]["loss"] == pytest.approx(rows["one"][0]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # torchrun + one process, ~20 s each: `make test-slow`
 def test_pretrain_under_torchrun_equals_one_process_at_step_1(tiny_run: Path, tmp_path: Path) -> None:
     """`torchrun --nproc_per_node 2 -m lmforge.cli pretrain`."""
     _two_ranks_and_one(tmp_path, "pretrain", [
