@@ -67,8 +67,8 @@ class Shown:
 
 def schedule(items: list[Item], annotator: str, seed: int, thumbs: bool = False) -> list[Shown]:
     """The annotator's comparisons in order: every pair of models on every item whose answers
-    differ (thumbs: every response), shuffled and sided by a generator seeded with (seed, annotator), so that it is
-    the same list every time they come back."""
+    differ (thumbs: every response), shuffled and sided by a generator seeded with (seed,
+    annotator), so that it is the same list every time they come back."""
     rng = random.Random(f"{seed}/{annotator}")
     shown: list[Shown] = []
     for it in items:
@@ -313,6 +313,8 @@ def items_from_file(source: str, thumbs: bool, limit: int | None = None) -> list
     from lmforge.data.preference import PrefPair, load_any
 
     rows, stats = load_any(source, limit=limit)
+    skipped = "".join(f", {n} {why}" for why, n in stats.skipped.items())
+    print(f"annotate: {source}: {stats.rows} {stats.format} rows read, {stats.kept} kept{skipped}")
     if stats.format == "unpaired" and not thumbs:
         raise UserError(f"{source}: unpaired rows hold one answer per prompt; relabel them "
                         "with thumbs up/down (--thumbs)")
@@ -340,6 +342,7 @@ def generate_items(prompts: list[str], models: dict[str, str], max_new_tokens: i
     cfg.check()
     answers: dict[str, list[str]] = {}
     for name, path in models.items():
+        print(f"annotate: {name} ({path}) answering {len(prompts)} prompts ...", flush=True)
         start = time.perf_counter()
         model, tokenizer = load_model(path), load_tokenizer(path)
         model.eval()
@@ -370,10 +373,10 @@ def annotate_cli(ns: Any) -> None:
     else:
         models: dict[str, str] = {}
         for spec in ns.model:
-            name, sep, path = spec.partition("=")
-            if not sep or not name.strip() or not path.strip() or name in models:
+            name, sep, path = (x.strip() for x in spec.partition("="))
+            if not sep or not name or not path or name in models:
                 raise UserError(f"--model {spec!r}: expected a unique NAME=CHECKPOINT")
-            models[name.strip()] = path.strip()
+            models[name] = path
         if len(models) < (1 if ns.thumbs else 2):
             raise UserError("pairs mode compares two or more --model NAME=CKPT (thumbs: one or more)")
         prompts = load_prompts(Path(ns.prompts), ns.limit)

@@ -56,7 +56,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") 
 
 
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested dicts as (dotted.key, leaf) rows; short lists of scalars stay whole."""
+    """Nested dicts as (dotted.key, leaf) rows; a list is one leaf."""
     if isinstance(value, dict):
         out: list[tuple[str, Any]] = []
         for k, v in value.items():

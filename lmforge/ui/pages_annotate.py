@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import quote
 
 from lmforge.annotate import Session, Shown, report, thumbs_report
+from lmforge.errors import UserError
 from lmforge.eval.agreement import wilson
 from lmforge.ui.html import cell, e, fmt, page, table
 
@@ -30,7 +31,11 @@ def sessions_page(sessions: dict[str, Session | str]) -> str:
         if isinstance(s, str):
             rows.append([e(name), f'<span class="warn">{e(s)}</span>', "", "", ""])
             continue
-        labels = s.record().rows() if s.record().path.exists() else []
+        try:
+            labels = s.record().rows()
+        except UserError as err:  # a damaged record: said in its row, the others still listed
+            rows.append([e(name), f'<span class="warn">{e(err)}</span>', "", "", ""])
+            continue
         people = sorted({r["annotator"] for r in labels})
         rows.append([f'<a href="{e(url(name))}">{e(name)}</a>', e(s.mode), e(fmt(len(s.items))),
                      e(", ".join(s.models)),
@@ -104,7 +109,7 @@ def _kappa_words(k: float) -> str:
 
 
 def results_page(name: str, s: Session, judges: list[tuple[str, dict[str, Any]]]) -> str:
-    rows = s.record().rows() if s.record().path.exists() else []
+    rows = s.record().rows()
     if s.mode == "thumbs":
         ups = thumbs_report(rows)
         body = table(["model", "thumbs up", "rated", "95% interval (Wilson)"],

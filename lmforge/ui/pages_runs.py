@@ -100,8 +100,8 @@ def eval_tables(summary: dict[str, Any]) -> str:
               if isinstance(summary.get(w), dict)}
     passes = {w: p for w, p in passes.items() if isinstance(p, dict)}
     if passes:
-        groups = [g for g in next(iter(passes.values()))
-                  if isinstance(next(iter(passes.values()))[g], (int, float))]
+        first = next(iter(passes.values()))
+        groups = [g for g, v in first.items() if isinstance(v, (int, float))]
         rows = [[e(g)] + [cell((passes.get(w) or {}).get(g)) for w in ("before", "after")]
                 for g in groups]
         out.append("<h3>greedy pass@1 by group</h3>" + table(["group", "before", "after"], rows))

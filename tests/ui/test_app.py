@@ -242,3 +242,15 @@ def test_a_broken_session_is_shown_as_such(runs: Path, labels: Path) -> None:
     assert 'class="warn"' in listing.split("broken")[1][:200] and "items.jsonl" in listing
     assert c.get("/annotate/broken?annotator=x").status_code == 400
     assert c.get("/annotate/s1?annotator=x").status_code == 200
+
+
+def test_a_damaged_label_record_is_named_and_the_other_pages_stay_up(runs: Path,
+                                                                    labels: Path) -> None:
+    c = client(runs, labels)
+    _label(c, "ann", ["left", "right"])
+    path = labels / "s1" / LABELS
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
+    r = c.get("/annotate/s1/results")
+    assert r.status_code == 400 and "labels.jsonl:2: not a JSON line" in r.text
+    assert "labels.jsonl:2" in c.get("/annotate").text and c.get("/").status_code == 200
