@@ -65,7 +65,7 @@
         series.push({ label: this.stages.length > 1 ? s : this.metric, stroke: w > 0 ? color + "44" : color,
                       width: w > 0 ? 1 : 1.5, spanGaps: true, points: { show: xs.length < 40 } });
         if (w > 0) series.push({ label: (this.stages.length > 1 ? s : this.metric) + " (smoothed)",
-                                  stroke: color, width: 2, spanGaps: true, points: { show: false } });
+                                  stroke: color, width: 2, spanGaps: true, points: { show: xs.length < 3 } });
       });
       const target = this.el.querySelector(".plot");
       this.plot = new uPlot({
