@@ -187,6 +187,7 @@ def report(rows: list[dict[str, Any]]) -> dict[str, Any]:
     firsts = sum(r["choice"] == "left" for r in pair_rows)
     seconds = sum(r["choice"] == "right" for r in pair_rows)
     out["left_wins"] = position_bias(firsts, seconds)
+    out["left_counts"] = (firsts, firsts + seconds)  # (left won, decided): its interval
     out["agreement"] = _agreement(pair_rows)
     if len(record) >= 3:
         wins: Counter[tuple[str, str]] = Counter()
@@ -290,8 +291,7 @@ def write_session(out: Path, items: list[Item], mode: str, seed: int, source: st
     is never overwritten: its labels are someone's work."""
     if mode not in MODES:
         raise UserError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
-    if (out / SESSION).exists() or (out / LABELS).exists():
-        raise UserError(f"{out} already holds an annotation session; choose another directory")
+    refuse_existing(out)
     need = 1 if mode == "thumbs" else 2
     kept = [it for it in items if len(it.responses) >= need]
     if not kept or not schedule(kept, "", seed, mode == "thumbs"):
@@ -303,6 +303,13 @@ def write_session(out: Path, items: list[Item], mode: str, seed: int, source: st
             "models": sorted({m for it in kept for m in it.responses})}
     atomic_write_text(out / SESSION, json.dumps(meta, indent=2) + "\n")
     return Session(out, mode, seed, source, kept)
+
+
+def refuse_existing(out: Path) -> None:
+    """A session directory already in use is never written over: its labels are someone's
+    work."""
+    if (out / SESSION).exists() or (out / LABELS).exists():
+        raise UserError(f"{out} already holds an annotation session; choose another directory")
 
 
 def items_from_file(source: str, thumbs: bool, limit: int | None = None) -> list[Item]:
@@ -360,8 +367,7 @@ def annotate_cli(ns: Any) -> None:
     from lmforge.data.chat_rows import load_prompts
 
     out = Path(ns.out)
-    if (out / SESSION).exists() or (out / LABELS).exists():  # before minutes of generation
-        raise UserError(f"{out} already holds an annotation session; choose another directory")
+    refuse_existing(out)  # before minutes of generation, not after
     mode = "thumbs" if ns.thumbs else "pairs"
     if bool(ns.relabel) == bool(ns.prompts):
         raise UserError("give --prompts FILE with two or more --model NAME=CKPT, or --relabel FILE")

@@ -41,6 +41,7 @@ STATIC = Path(__file__).parent / "static"
 TYPES = {".js": "text/javascript", ".css": "text/css", ".png": "image/png", ".svg":
          "image/svg+xml", ".jpg": "image/jpeg", ".json": "application/json", ".jsonl":
          "text/plain", ".yaml": "text/plain", ".md": "text/plain", ".txt": "text/plain"}
+CACHED_CURVES = 64  # parsed metrics files kept (a dashboard shows a few stages at a time)
 MAX_POINTS = 4000  # per series sent to a chart: a long run is thinned by stride, last kept
 COOKIE = "lmforge_ui_token"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
@@ -76,6 +77,27 @@ class Dashboard:
         self.runs, self.labels = runs.resolve(), labels.resolve() if labels else None
         self.lock = threading.Lock()  # one label written (and the exports rebuilt) at a time
         self._sessions: dict[Path, tuple[float, Session]] = {}
+        self._curves: dict[Path, tuple[tuple[int, int], Any]] = {}
+        self.cache_lock = threading.Lock()
+
+    def curves(self, stage: Stage) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
+        """A stage's metrics, parsed once per version of the file: a page and the chart
+        script's request right after it read it once; a running stage's grows and is read
+        again."""
+        path = stage.path / "metrics.jsonl"
+        try:
+            st = path.stat()
+            version = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            return {}, []
+        cached = self._curves.get(path)
+        if cached is None or cached[0] != version:
+            cached = (version, curves(path))
+            with self.cache_lock:  # routes run in a thread pool
+                if len(self._curves) >= CACHED_CURVES:
+                    self._curves.pop(next(iter(self._curves)))  # the oldest entry
+                self._curves[path] = cached
+        return cached[1]
 
     def stage(self, name: str) -> Stage:
         d = inside(self.runs, name)
@@ -89,7 +111,7 @@ class Dashboard:
         every: set[str] = set()
         for name in names:
             st = self.stage(name)
-            got, problems = curves(st.path / "metrics.jsonl")
+            got, problems = self.curves(st)
             every |= set(got)
             out[name] = {"state": st.state, "problems": problems,
                          "metrics": {m: thin(v) for m, v in got.items() if m in wanted}}
@@ -221,7 +243,7 @@ def _run_routes(app: FastAPI, board: Dashboard) -> None:
     @app.get("/stage/{name:path}")
     def stage(name: str, samples: str | None = None) -> Response:
         st = board.stage(name)
-        names = sorted(curves(st.path / "metrics.jsonl")[0])
+        names = sorted(board.curves(st)[0])
         return HTMLResponse(R.stage_page(st, names, stages(board.runs), samples, time.time()))
 
     @app.get("/compare")
@@ -229,7 +251,7 @@ def _run_routes(app: FastAPI, board: Dashboard) -> None:
         chosen = [board.stage(n) for n in dict.fromkeys(s or [])]
         if not chosen:
             raise UserError("tick at least one stage to compare")
-        names = sorted(set().union(*(curves(c.path / "metrics.jsonl")[0] for c in chosen)))
+        names = sorted(set().union(*(board.curves(c)[0] for c in chosen)))
         return HTMLResponse(R.compare_page(chosen, names))
 
     @app.get("/report/{run:path}")

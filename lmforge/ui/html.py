@@ -50,9 +50,15 @@ def badge(state: str) -> str:
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") -> str:
     """Headers are escaped here; cells are HTML the caller built (escaped where needed)."""
-    head = "".join(f"<th>{e(h)}</th>" for h in headers)
+    return _table([e(h) for h in headers], rows, cls)
+
+
+def _table(head: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") -> str:
+    """A table of cells that are all HTML already."""
+    th = "".join(f"<th>{h}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    cls_attr = f' class="{e(cls)}"' if cls else ""
+    return f"<table{cls_attr}><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -148,7 +154,5 @@ def markdown(text: str, src: Any) -> str:
 def _md_table(rows: list[str], src: Any) -> str:
     cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
     body = [r for r in cells[1:] if not all(re.fullmatch(r":?-+:?", c) for c in r)]
-    head = "".join(f"<th>{_inline(c, src)}</th>" for c in cells[0])
-    rows_html = "".join("<tr>" + "".join(f"<td>{_inline(c, src)}</td>" for c in r) + "</tr>"
-                        for r in body)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows_html}</tbody></table>"
+    return _table([_inline(c, src) for c in cells[0]],
+                  [[_inline(c, src) for c in r] for r in body])

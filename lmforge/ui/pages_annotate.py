@@ -93,8 +93,8 @@ def label_page(name: str, s: Session, annotator: str, index: int, total: int,
             f'<input type="hidden" name="right" value="{e(shown.right or "")}">'
             f'<div class="prompt"><div class="k">prompt</div>{_prompt(item.prompt)}</div>'
             f'<div class="pair">{panes}</div>'
-            '<textarea name="reason" rows="2" maxlength="2000" '
-            'placeholder="reason (optional; the keys do not type here)"></textarea>'
+            '<label class="k">reason, optional (keys typed here are text, not labels)'
+            '<textarea name="reason" rows="2" maxlength="2000"></textarea></label>'
             f'<div class="buttons">{buttons}</div></form>')
     return page(title, head + form, scripts=["annotate.js"], active="annotate")
 
@@ -113,8 +113,7 @@ def results_page(name: str, s: Session, judges: list[tuple[str, dict[str, Any]]]
     if s.mode == "thumbs":
         ups = thumbs_report(rows)
         body = table(["model", "thumbs up", "rated", "95% interval (Wilson)"],
-                     [[e(m), cell(w["wins"] / w["games"]), e(fmt(w["games"])),
-                       e(f"{w['low']:.3f} - {w['high']:.3f}")] for m, w in ups.items()])
+                     [_rate_row(m, w) for m, w in ups.items()])
         return page(f"results: {name}", f"<p>{len(rows)} labels</p>" + body + _files(name, s),
                     active="annotate")
     r = report(rows)
@@ -123,8 +122,7 @@ def results_page(name: str, s: Session, judges: list[tuple[str, dict[str, Any]]]
     wr = sorted(r["win_rates"].items(), key=lambda kv: -kv[1]["wins"] / max(1, kv[1]["games"]))
     parts.append("<h2>win rates</h2>" + table(
         ["model", "win rate (tie = half)", "games", "95% interval (Wilson)"],
-        [[e(m), cell(w["wins"] / w["games"]), e(fmt(w["games"])),
-          e(f"{w['low']:.3f} - {w['high']:.3f}")] for m, w in wr]))
+        [_rate_row(m, w) for m, w in wr]))
     ag = r["agreement"]
     if ag is None:
         parts.append("<h2>agreement</h2><p>One annotator so far: agreement needs two.</p>")
@@ -137,7 +135,7 @@ def results_page(name: str, s: Session, judges: list[tuple[str, dict[str, Any]]]
                      f"kappa <b>{ag['kappa']:.3f}</b> ({_kappa_words(ag['kappa'])}) on the "
                      f"{ag['shared']} comparisons {e(', '.join(ag['annotators']))} all labelled"
                      "</p>")
-    parts.append(_bias(rows, r["left_wins"], judges))
+    parts.append(_bias(*r["left_counts"], judges))
     if isinstance(r.get("elo"), dict):
         parts.append("<h2>Bradley-Terry / Elo</h2>" + table(
             ["model", "Elo"], [[e(m), e(f"{v:.0f}")] for m, v in
@@ -159,14 +157,21 @@ def _files(name: str, s: Session) -> str:
             "<code>data.train</code>, <code>lmforge kto</code> reads kto.jsonl</p>")
 
 
-def _bias(rows: list[dict[str, Any]], left_rate: float,
-          judges: list[tuple[str, dict[str, Any]]]) -> str:
-    decided = [x for x in rows if x["right"] is not None and x["choice"] in ("left", "right")]
+def _rate_row(model: str, w: dict[str, Any]) -> list[str]:
+    """A model's rate (wins / games, a WinRate's fields) with its Wilson interval."""
+    return [e(model), cell(w["wins"] / w["games"]), e(fmt(w["games"])),
+            _interval(w["low"], w["high"])]
+
+
+def _interval(low: float, high: float) -> str:
+    return e(f"{low:.3f} - {high:.3f}")
+
+
+def _bias(left_won: int, decided: int, judges: list[tuple[str, dict[str, Any]]]) -> str:
     out = [["humans (this session)", "left answer wins"]]
     if decided:
-        lefts = sum(x["choice"] == "left" for x in decided)
-        low, high = wilson(lefts, len(decided))
-        out[0] += [e(f"{left_rate:.3f}"), e(f"{len(decided)}"), e(f"{low:.3f} - {high:.3f}")]
+        out[0] += [e(f"{left_won / decided:.3f}"), e(f"{decided}"),
+                   _interval(*wilson(left_won, decided))]
     else:
         out[0] += ["-", "0", "-"]
     for stage, j in judges:

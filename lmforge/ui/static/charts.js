@@ -120,7 +120,6 @@
       const problems = stages.flatMap((s) => (payload.stages[s] && payload.stages[s].problems) || []);
       live.textContent = (running.length ? "live: " + running.join(", ") + " running, updating every 5 s" : "")
         + (problems.length ? " · " + problems.join("; ") : "");
-      root.dataset.loaded = String(Number(root.dataset.loaded || 0) + 1);
       if (running.length) timer = setTimeout(load, 5000);
     }
 
